@@ -1,0 +1,309 @@
+"""Clustering one hidden layer's neurons across students, as the paper's Algorithm 1 does.
+
+For layer ``l`` every hidden neuron of every student contributes its incoming vector ``[w; b]``,
+except the silent ones (:func:`silent_neurons`: zero outgoing weights, or coinciding neurons
+whose outgoing weights cancel), whose incoming vectors the data do not determine.
+The activation's symmetries are folded:
+
+* ReLU-like units (positive scaling): each vector is divided by its norm; the norm is kept so that
+  reconstruction can move it into the outgoing weights;
+* units with a sign symmetry: distances and angles are taken up to sign,
+  ``d(u, v) = min(|u - v|, |u + v|)``. This is the paper's L2 distance after sign
+  canonicalisation, made independent of the coordinate the canonical sign is read from (a
+  neuron whose first weight is near zero would otherwise be split in two). Each member's sign
+  relative to its cluster's reference is recorded.
+
+Then: average-linkage dendrogram; cut it where the number of clusters holding neurons of at
+least ``ceil(gamma N)`` *distinct students* is largest (the end of the first plateau of that
+count, as in the authors' code), considering only *stable* counts (:func:`choose_cut`); drop
+smaller clusters; drop clusters whose median pairwise angle exceeds ``beta``. Each kept cluster is one neuron of the recovered layer. Its *core*, the
+members within ``beta`` of its medoid, is what reconstruction reads: average linkage can attach a
+stray neuron to a tight cluster without moving its median angle.
+
+Counting distinct students rather than members matters: a student that splits one teacher
+neuron into duplicates would otherwise inflate a cluster's size. Stability matters too: when
+students agree to high precision, the copies of one neuron can fragment, at heights of the
+order of their spread, into pieces that each hold ``ceil(gamma N)`` students (with gamma = 0.5:
+N/2 and N/2), and the largest count is then a count of fragments. Such counts last only while
+the cut height grows by a few tens of percent; the true count lasts from the copies' spread up
+to the distance between neurons. So the count is maximised over plateaus that persist while the
+height at least doubles.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.cluster.hierarchy import linkage
+
+from .activations import Activation
+from .mlp import StudentBatch
+
+__all__ = ["LayerClustering", "Cluster", "cluster_layer", "neuron_features", "pairwise_distances",
+           "min_students", "silent_neurons", "choose_cut"]
+
+log = logging.getLogger(__name__)
+
+
+def min_students(gamma: float, n_students: int) -> int:
+    """Fewest distinct students a kept cluster must hold: ``ceil(gamma N)`` (at least 2)."""
+    return max(2, math.ceil(gamma * n_students - 1e-9))
+
+
+@dataclass
+class Cluster:
+    """One cluster at the cut: its members (rows of the feature table) and why it is kept or not."""
+
+    members: np.ndarray
+    n_students: int
+    median_angle: float
+    kept: bool
+    reason: str
+    core: np.ndarray  # members within beta of the cluster's medoid: what reconstruction uses
+
+
+@dataclass
+class LayerClustering:
+    """Everything the clustering of one layer computed, for reconstruction and for figures.
+
+    Rows of ``features`` are neurons; ``student[i]``/``neuron[i]`` say where row ``i`` comes from.
+    ``scale[i]`` is the norm divided out (1 when the activation has no scaling symmetry) and
+    ``sign[i]`` the sign that aligns row ``i`` with its cluster's reference.
+    """
+
+    layer: int
+    features: np.ndarray
+    student: np.ndarray
+    neuron: np.ndarray
+    scale: np.ndarray
+    sign: np.ndarray
+    distances: np.ndarray  # condensed, as scipy's pdist
+    linkage: np.ndarray
+    cut_index: int
+    cut_height: float
+    cluster_counts: np.ndarray  # clusters with >= min_students students after each merge
+    labels: np.ndarray
+    clusters: list[Cluster]
+    min_students: int
+    beta: float
+
+    @property
+    def kept(self) -> list[Cluster]:
+        return [c for c in self.clusters if c.kept]
+
+    @property
+    def width(self) -> int:
+        return len(self.kept)
+
+
+def neuron_features(students: StudentBatch, layer: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``[w; b]`` of every student's neurons in hidden layer ``layer``, and their scales."""
+    w = students.weights[layer].detach().cpu().numpy()
+    b = students.biases[layer].detach().cpu().numpy()
+    feats = np.concatenate([w, b[..., None]], axis=-1).reshape(-1, w.shape[-1] + 1)
+    scale = np.ones(len(feats))
+    if students.activation.has_scaling_symmetry:
+        scale = np.linalg.norm(feats, axis=1)
+        scale = np.where(scale > 0, scale, 1.0)
+        feats = feats / scale[:, None]
+    return feats, scale
+
+
+def silent_neurons(students: StudentBatch, layer: int, tol: float = 1e-9) -> np.ndarray:
+    """``(N, width)`` mask of neurons that contribute nothing to their student's output.
+
+    A neuron is silent when its outgoing weights vanish (below ``tol`` times the student's
+    largest), or when it belongs to a group of coinciding neurons of one student (same incoming
+    vector up to the activation's symmetry) whose outgoing weights cancel. The data do not
+    determine such a neuron's incoming vector, so it must not vote in the clustering. Neurons
+    pruned during training (exact zeros) are silent.
+    """
+    act = students.activation
+    w = students.weights[layer].detach().cpu().numpy()
+    b = students.biases[layer].detach().cpu().numpy()
+    out = students.weights[layer + 1].detach().cpu().numpy()  # (N, fan_out, width)
+    flips = act.symmetry in ("odd", "odd_constant")
+    silent = np.zeros(w.shape[:2], dtype=bool)
+    for s in range(w.shape[0]):
+        v = np.concatenate([w[s], b[s][:, None]], axis=1)
+        norms = np.linalg.norm(v, axis=1)
+        a = out[s].T  # (width, fan_out)
+        size = np.linalg.norm(a, axis=1)
+        reference = size.max() if size.max() > 0 else 1.0
+        silent[s] = size <= tol * reference
+        cos = (v @ v.T) / np.maximum(np.outer(norms, norms), 1e-300)
+        same = (1 - (np.abs(cos) if act.has_sign_symmetry else cos)) < tol
+        np.fill_diagonal(same, False)
+        for j in np.flatnonzero(same.any(1) & ~silent[s]):
+            group = np.append(j, np.flatnonzero(same[j]))
+            factor = np.sign(cos[j, group]) if flips else np.ones(len(group))
+            if act.has_scaling_symmetry:
+                factor = factor * norms[group] / max(norms[j], 1e-300)
+            if np.linalg.norm(factor @ a[group]) <= tol * reference:
+                silent[s, group] = True
+    return silent
+
+
+def pairwise_distances(features: np.ndarray, signed: bool) -> np.ndarray:
+    """Condensed L2 distances between rows; up to sign when ``signed`` is True."""
+    sq = np.einsum("ij,ij->i", features, features)
+    dots = features @ features.T
+    if signed:
+        dots = np.abs(dots)
+    d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * dots, 0.0)
+    iu = np.triu_indices(len(features), k=1)
+    return np.sqrt(d2[iu])
+
+
+def _cosines(features: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(features, axis=1)
+    unit = features / np.where(norms > 0, norms, 1.0)[:, None]
+    return np.clip(unit @ unit.T, -1.0, 1.0)
+
+
+def _angles(features: np.ndarray, signed: bool) -> np.ndarray:
+    cos = _cosines(features)
+    return np.arccos(np.abs(cos) if signed else cos)
+
+
+def median_angle(features: np.ndarray, signed: bool) -> float:
+    """Median pairwise angle (radians) between rows, up to sign when ``signed``."""
+    if len(features) < 2:
+        return 0.0
+    iu = np.triu_indices(len(features), k=1)
+    return float(np.median(_angles(features, signed)[iu]))
+
+
+def core_members(features: np.ndarray, signed: bool, beta: float) -> np.ndarray:
+    """Indices of the rows within angle ``beta`` of the medoid (the row closest to all others)."""
+    angles = _angles(features, signed)
+    medoid = int(np.argmin(angles.sum(1)))
+    return np.flatnonzero(angles[medoid] <= beta)
+
+
+class _UnionFind:
+    def __init__(self, n):
+        self.parent = list(range(n))
+
+    def find(self, i):
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, i, j):
+        self.parent[self.find(i)] = self.find(j)
+
+
+def _count_big_clusters(Z: np.ndarray, student: np.ndarray, needed: int) -> np.ndarray:
+    """For each merge k of the linkage, the number of clusters with >= ``needed`` distinct students."""
+    n = len(student)
+    sets = [1 << int(s) for s in student] + [0] * (n - 1)
+    big = [False] * (2 * n - 1)
+    counts = np.zeros(n - 1, dtype=int)
+    current = 0
+    for k, (a, b) in enumerate(Z[:, :2].astype(int)):
+        merged = sets[a] | sets[b]
+        sets[n + k] = merged
+        current -= big[a] + big[b]
+        big[n + k] = merged.bit_count() >= needed
+        current += big[n + k]
+        counts[k] = current
+    return counts
+
+
+def _labels_after(Z: np.ndarray, n: int, last_merge: int) -> np.ndarray:
+    uf = _UnionFind(2 * n - 1)
+    for k in range(last_merge + 1):
+        a, b = int(Z[k, 0]), int(Z[k, 1])
+        uf.union(a, n + k)
+        uf.union(b, n + k)
+    roots = np.array([uf.find(i) for i in range(n)])
+    _, labels = np.unique(roots, return_inverse=True)
+    return labels
+
+
+STABLE_FACTOR = 2.0
+
+
+def choose_cut(Z: np.ndarray, counts: np.ndarray, stable_factor: float = STABLE_FACTOR) -> int:
+    """Index of the merge after which to cut: the end of the first plateau of the largest count
+    among the *stable* plateaus, those over which the cut height can at least double
+    (``stable_factor``) without the count changing. Falls back to the largest count overall
+    when no plateau is stable."""
+    if len(counts) == 0:
+        return 0
+    heights = np.append(Z[:, 2], np.inf)
+    plateaus, start = [], 0
+    for k in range(1, len(counts) + 1):
+        if k == len(counts) or counts[k] != counts[start]:
+            lifetime = heights[k] / heights[start] if heights[start] > 0 else \
+                (np.inf if heights[k] > 0 else 0.0)
+            plateaus.append((int(counts[start]), start, k - 1, lifetime))
+            start = k
+    stable = [p for p in plateaus if p[3] >= stable_factor and p[0] > 0] or plateaus
+    best = max(p[0] for p in stable)
+    return next(p[2] for p in stable if p[0] == best)
+
+
+def cluster_layer(students: StudentBatch, layer: int, gamma: float = 0.5,
+                  beta: float = math.pi / 6, student_losses=None,
+                  feature_mask: np.ndarray | None = None) -> LayerClustering:
+    """Cluster hidden layer ``layer`` of ``students`` (see the module doc for each step).
+
+    ``student_losses`` ranks the students (lowest first) to pick each cluster's reference
+    member. ``feature_mask`` (one bool per incoming coordinate) leaves coordinates out of the
+    distances and angles, for inputs that never vary across the queries.
+    """
+    activation: Activation = students.activation
+    n_students = students.n_students
+    needed = min_students(gamma, n_students)
+    feats, scale = neuron_features(students, layer)
+    width = students.widths[layer]
+    student = np.repeat(np.arange(n_students), width)
+    neuron = np.tile(np.arange(width), n_students)
+    alive = ~silent_neurons(students, layer).reshape(-1)
+    feats, scale, student, neuron = feats[alive], scale[alive], student[alive], neuron[alive]
+    if len(feats) < 2:
+        raise ValueError(f"layer {layer}: fewer than two neurons left to cluster")
+    compared = feats
+    if feature_mask is not None:
+        mask = np.append(np.asarray(feature_mask, dtype=bool), True)  # the bias always counts
+        if mask.shape[0] != feats.shape[1]:
+            raise ValueError(f"feature_mask needs {feats.shape[1] - 1} entries, got {mask.shape[0] - 1}")
+        compared = feats[:, mask]
+    signed = activation.has_sign_symmetry
+    dist = pairwise_distances(compared, signed)
+    Z = linkage(dist, method="average")
+    counts = _count_big_clusters(Z, student, needed)
+    last = choose_cut(Z, counts)
+    labels = _labels_after(Z, len(feats), last) if len(counts) else np.zeros(len(feats), dtype=int)
+    rank = np.argsort(np.argsort(student_losses)) if student_losses is not None else np.arange(n_students)
+    sign = np.ones(len(feats))
+    cos_limit = math.cos(beta)
+    clusters = []
+    for label in range(labels.max() + 1):
+        members = np.flatnonzero(labels == label)
+        n_in = len(np.unique(student[members]))
+        angle = median_angle(compared[members], signed)
+        core = members[core_members(compared[members], signed, beta)]
+        if signed:
+            reference = core[np.argmin(rank[student[core]])]
+            sign[members] = np.where(compared[members] @ compared[reference] < 0, -1.0, 1.0)
+        if n_in < needed:
+            kept, reason = False, f"{n_in} students < {needed}"
+        elif math.cos(angle) < cos_limit - 1e-12:
+            kept, reason = False, f"median angle {math.degrees(angle):.1f} deg > beta"
+        else:
+            kept, reason = True, "kept"
+        clusters.append(Cluster(members, n_in, angle, kept, reason, core))
+    result = LayerClustering(layer, feats, student, neuron, scale, sign, dist, Z, last,
+                             float(Z[last, 2]) if len(Z) else 0.0, counts, labels, clusters,
+                             needed, beta)
+    log.info("layer %d: %d clusters with >= %d students at height %.3g; %d kept", layer,
+             int(counts[last]) if len(counts) else 0,
+             needed, result.cut_height, result.width)
+    return result

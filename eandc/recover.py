@@ -1,0 +1,216 @@
+"""Expand-and-Cluster end to end: :func:`expand_and_cluster` and its result.
+
+1. **Expand.** Train N students of the teacher's depth and activation, wider than the teacher
+   (given widths, or found by doubling until the students consistently reach ~zero loss).
+2. **Cluster**, layer by layer: cluster layer l across students, write the clustered layer into
+   every student, retrain the students, cluster layer l + 1 from the retrained students.
+3. **Reconstruct** at the last hidden layer, align the output bias, fit the linear term where the
+   activation's symmetry leaves one, and fine-tune to machine precision.
+4. **Prune** (our addition, on by default): clustering can keep a cluster the function does not
+   need (for example neurons with vanishing outgoing weights, tight in angle). After
+   fine-tuning, such neurons are silent, constant or duplicates; each is removed only if the
+   fine-tuned network without it still sits at the loss floor. ``clustered_widths`` reports the
+   widths before this step, the paper's count; ``widths`` those after it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .activations import get_activation
+from .clustering import LayerClustering, cluster_layer, min_students
+from .mlp import MLP, Layout, StudentBatch
+from .reconstruction import (align_output_bias, assemble_network, finetune, fit_linear_term,
+                             prune, relative_loss, write_shared_layer)
+from .teachers import check_inputs, query as query_teacher
+from .training import TrainingReport, init_students, train_students
+
+__all__ = ["expand_and_cluster", "ExpandAndClusterResult", "find_student_widths"]
+
+log = logging.getLogger(__name__)
+
+ZERO_LOSS = 1e-8  # relative loss that counts as "~zero" when choosing the student width
+
+
+@dataclass
+class ExpandAndClusterResult:
+    """What :func:`expand_and_cluster` recovered, and how.
+
+    ``student_losses`` holds the students' relative losses after each training round (the
+    expansion, then one retraining per deeper layer); ``timings`` the wall seconds per phase.
+    """
+
+    network: MLP
+    widths: list[int]
+    clustered_widths: list[int]
+    student_widths: list[int]
+    student_losses: list[np.ndarray]
+    clusterings: list[LayerClustering]
+    final_loss: float
+    timings: dict[str, float] = field(default_factory=dict)
+    pruning: list[str] = field(default_factory=list)
+    students: StudentBatch | None = None
+    width_search: list[dict] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f"recovered widths   {self.widths} (clusters kept: {self.clustered_widths}; "
+                 f"students {self.student_widths})",
+                 f"final rel. loss    {self.final_loss:.2e}",
+                 "student rel. loss  " + np.array2string(self.student_losses[0], precision=1),
+                 "wall seconds       " + ", ".join(f"{k} {v:.1f}" for k, v in self.timings.items())]
+        return "\n".join(lines)
+
+
+def _check_parameters(activation, n_hidden_layers, n_students, gamma, beta, student_widths):
+    act = get_activation(activation)
+    if not isinstance(n_hidden_layers, (int, np.integer)) or n_hidden_layers < 1:
+        raise ValueError(f"n_hidden_layers must be a positive integer, got {n_hidden_layers!r}")
+    if not isinstance(n_students, (int, np.integer)) or n_students < 2:
+        raise ValueError(f"n_students must be an integer >= 2, got {n_students!r}")
+    if not (isinstance(gamma, (int, float)) and 0 < gamma <= 1):
+        raise ValueError(f"gamma must be in (0, 1], got {gamma!r}")
+    if not (isinstance(beta, (int, float)) and 0 < beta <= math.pi / 2):
+        raise ValueError(f"beta must be an angle in (0, pi/2] radians, got {beta!r}")
+    if gamma * n_students < 2:
+        raise ValueError(f"gamma * n_students = {gamma * n_students:g} < 2: a cluster must hold "
+                         "at least two students; raise gamma or n_students")
+    if student_widths is not None:
+        if isinstance(student_widths, (int, np.integer)):
+            student_widths = [int(student_widths)] * n_hidden_layers
+        student_widths = list(student_widths)
+        if len(student_widths) != n_hidden_layers:
+            raise ValueError(f"student_widths has {len(student_widths)} entries for "
+                             f"{n_hidden_layers} hidden layer(s)")
+        if any(not isinstance(w, (int, np.integer)) or w < 1 for w in student_widths):
+            raise ValueError(f"student widths must be positive integers, got {student_widths}")
+    return act, student_widths
+
+
+def _targets(query, X):
+    if callable(query):
+        return query_teacher(query, X)
+    y = check_inputs(query, name="teacher outputs") if np.ndim(query) == 2 else \
+        check_inputs(np.asarray(query)[:, None], name="teacher outputs")
+    if y.shape[0] != X.shape[0]:
+        raise ValueError(f"{y.shape[0]} teacher outputs for {X.shape[0]} queries")
+    return y
+
+
+def _check_size(layout: Layout, n: int):
+    if n < layout.size:
+        raise ValueError(f"too few queries: {n} queries for students with {layout.size} parameters "
+                         f"each ({'-'.join(map(str, layout.sizes))}); give at least as many queries "
+                         "as parameters, or narrower students")
+
+
+def find_student_widths(X, y, activation, n_hidden_layers=1, *, n_students=10, start=2,
+                        max_width=256, consistency=0.8, zero_loss=ZERO_LOSS, seed=0, device=None,
+                        progress=False, **train_options):
+    """Double the student width from ``start`` until a fraction ``consistency`` of the students
+    reach a relative loss below ``zero_loss``; return (widths, trained students, report, log)."""
+    act = get_activation(activation)
+    width, history = start, []
+    while True:
+        layout = Layout(X.shape[1], (width,) * n_hidden_layers, y.shape[1], act.leaves_linear_term)
+        _check_size(layout, X.shape[0])
+        students = init_students(layout, act, n_students, y, seed=seed, device=device)
+        students, report = train_students(students, X, y, seed=seed, progress=progress, **train_options)
+        share = float((report.relative_losses <= zero_loss).mean())
+        history.append({"width": width, "share_at_zero_loss": share,
+                        "median_loss": float(np.median(report.relative_losses))})
+        log.info("width %d: %.0f%% of students below %.0e", width, 100 * share, zero_loss)
+        if share >= consistency or 2 * width > max_width:
+            return [width] * n_hidden_layers, students, report, history
+        width *= 2
+
+
+def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_widths=None,
+                       n_students=10, gamma=0.5, beta=math.pi / 6, seed=0, device=None,
+                       progress=True, prune_network=True, feature_mask=None,
+                       train_options=None) -> ExpandAndClusterResult:
+    """Recover a black-box MLP's layer widths and weights from queries (see the module doc).
+
+    ``query``: the teacher, any callable (an :class:`~eandc.MLP`, a ``torch.nn.Module``, a
+    function of numpy arrays or tensors), or an array of its recorded outputs on ``X``.
+    ``X``: the queries, ``(n, d_in)``. ``activation``: the teacher's activation, by name.
+    ``student_widths``: one width per hidden layer (or one int for all); ``None`` doubles the
+    width until the students consistently reach ~zero loss. ``gamma``, ``beta``: the cluster
+    size (fraction of students) and median-angle (radians) thresholds. ``train_options``:
+    keyword arguments for :func:`eandc.training.train_students`.
+    """
+    act, student_widths = _check_parameters(activation, n_hidden_layers, n_students, gamma, beta,
+                                            student_widths)
+    X = check_inputs(X)
+    y = _targets(query, X)
+    if float(y.var(dim=0).max()) == 0.0:
+        raise ValueError("the teacher's outputs are constant on these queries: nothing to recover")
+    X, y = X.to(device), y.to(device)
+    options = dict(train_options or {})
+    options.setdefault("progress", progress)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    search = []
+    if student_widths is None:
+        student_widths, students, report, search = find_student_widths(
+            X, y, act, n_hidden_layers, n_students=n_students, seed=seed, device=device, **options)
+    else:
+        layout = Layout(X.shape[1], tuple(student_widths), y.shape[1], act.leaves_linear_term)
+        _check_size(layout, X.shape[0])
+        students = init_students(layout, act, n_students, y, seed=seed, device=device)
+        students, report = train_students(students, X, y, seed=seed, **options)
+    timings["expansion"] = time.perf_counter() - t0
+    expanded = students
+    reports: list[TrainingReport] = [report]
+    losses = report.relative_losses
+    needed = min_students(gamma, n_students)
+    if (losses <= ZERO_LOSS).sum() < needed:
+        log.warning("only %d of %d students reached a relative loss below %.0e; clusters need %d. "
+                    "Wider students or more training may be needed.",
+                    int((losses <= ZERO_LOSS).sum()), n_students, ZERO_LOSS, needed)
+
+    clusterings = []
+    timings["clustering"] = 0.0
+    for layer in range(n_hidden_layers):
+        t0 = time.perf_counter()
+        clustering = cluster_layer(students, layer, gamma, beta, losses,
+                                   feature_mask if layer == 0 else None)
+        timings["clustering"] += time.perf_counter() - t0
+        clusterings.append(clustering)
+        if clustering.width == 0:
+            raise RuntimeError(f"layer {layer}: no cluster holds neurons of {needed} students with "
+                               f"median angle below beta; the students did not agree (losses "
+                               f"{np.array2string(losses, precision=1)}). Try wider students.")
+        if layer < n_hidden_layers - 1:
+            t0 = time.perf_counter()
+            students = write_shared_layer(students, clustering, losses)
+            options_retrain = dict(options, adam_steps=0)
+            students, report = train_students(students, X, y, seed=seed + layer + 1, **options_retrain)
+            reports.append(report)
+            losses = report.relative_losses
+            timings[f"retraining layer {layer + 2}"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    network = assemble_network(students, clusterings[-1], losses)
+    network = align_output_bias(network, X, y)
+    if act.leaves_linear_term:
+        network = fit_linear_term(network, X, y)
+    network, final_loss = finetune(network, X, y, progress=options["progress"])
+    timings["reconstruction"] = time.perf_counter() - t0
+    notes = []
+    clustered_widths = [c.width for c in clusterings]
+    if prune_network:
+        t0 = time.perf_counter()
+        network, final_loss, notes = prune(network, X, y, progress=options["progress"])
+        timings["pruning"] = time.perf_counter() - t0
+    final_loss = relative_loss(network, X, y)
+    log.info("recovered widths %s (clusters %s), relative loss %.2e", network.widths,
+             clustered_widths, final_loss)
+    return ExpandAndClusterResult(network, network.widths, clustered_widths, list(student_widths),
+                                  [r.relative_losses for r in reports], clusterings, final_loss,
+                                  timings, notes, expanded, search)
+

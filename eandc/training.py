@@ -1,0 +1,410 @@
+"""Training many students as one batched program: a first-order phase, then a second-order finisher.
+
+All students share the queries ``X`` and targets ``y``; each has its own parameters (one row of an
+``(N, P)`` tensor) and its own loss, the mean squared error over samples and outputs. The
+*relative* loss divides it by the variance of the targets, so that 1e-30 means machine precision
+whatever the scale of the teacher.
+
+1. :func:`adam_phase`: full-batch Adam on every student at once (autograd), to leave the flat
+   region around the initialisation cheaply.
+2. :func:`levenberg_marquardt`: Levenberg-Marquardt with one damping factor per student. Each
+   iteration builds the Gauss-Newton matrix ``J^T J`` and gradient ``J^T r`` from analytic
+   Jacobians, accumulated over chunks of samples so memory stays bounded, and solves one
+   ``P x P`` system per student (batched Cholesky). A student stops costing time once it reaches
+   the loss floor, stops improving, or runs out of iterations.
+
+:func:`train_students` chains them: Adam and LM on a random subset of the queries (cheap), then
+LM on all of them (exact). In between, :func:`compact_students` prunes inside each student the
+neurons its function hardly uses: an overparameterised student near a solution creeps towards
+it slowly (its minima are degenerate), while the compacted one converges quadratically.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .activations import Activation
+from .mlp import Layout, StudentBatch, forward
+
+__all__ = ["init_students", "train_students", "adam_phase", "levenberg_marquardt",
+           "student_losses", "jacobian", "TrainingReport"]
+
+log = logging.getLogger(__name__)
+
+# Float64 relative losses below this are at machine precision: nothing left to gain.
+LOSS_FLOOR = 1e-28
+# Elements of a Jacobian chunk (students x samples x outputs x parameters) held at once.
+JACOBIAN_CHUNK_ELEMENTS = 4_000_000
+# Students above this relative loss are far from a solution: compacting them is pointless.
+COMPACTION_MAX_LOSS = 1e-4
+# Tolerances of the successive compaction rounds (coarse first; a round that hurts a student is
+# undone for that student, and the next, finer round tries again).
+COMPACTION_TOLERANCES = (1e-2, 1e-3, 1e-4)
+
+
+def init_students(layout: Layout, activation: Activation, n_students: int, y: torch.Tensor,
+                  seed: int = 0, device=None) -> StudentBatch:
+    """Random students: weights ``N(0, 1/fan_in)``, hidden biases ``N(0, 1)``, output bias mean(y)."""
+    gen = torch.Generator().manual_seed(int(seed))
+    weights, biases = [], []
+    for l, (fan_in, fan_out) in enumerate(zip(layout.sizes[:-1], layout.sizes[1:])):
+        weights.append(torch.randn(n_students, fan_out, fan_in, generator=gen, dtype=torch.float64)
+                       / math.sqrt(fan_in))
+        if l < layout.n_layers - 1:
+            biases.append(torch.randn(n_students, fan_out, generator=gen, dtype=torch.float64))
+        else:
+            biases.append(y.mean(0).cpu().expand(n_students, fan_out).clone())
+    skip = torch.zeros(n_students, layout.d_out, layout.d_in, dtype=torch.float64)
+    theta = layout.flatten(weights, biases, skip if layout.skip else None)
+    return StudentBatch(theta.to(device), layout, activation)
+
+
+def _target_scale(y: torch.Tensor) -> float:
+    """Variance of the targets (over samples, averaged over outputs): the unit of relative losses."""
+    var = float(y.var(dim=0, unbiased=False).mean())
+    return var if var > 0 else 1.0
+
+
+def _chunk_rows(n_students: int, d_out: int, n_params: int) -> int:
+    return max(64, JACOBIAN_CHUNK_ELEMENTS // max(1, n_students * d_out * n_params))
+
+
+def student_losses(theta: torch.Tensor, layout: Layout, activation: Activation, X: torch.Tensor,
+                   y: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of each student, shape ``(N,)``, computed in chunks of samples."""
+    rows = _chunk_rows(theta.shape[0], 1, max(layout.sizes))
+    total = torch.zeros(theta.shape[0], dtype=theta.dtype, device=theta.device)
+    for start in range(0, X.shape[0], rows):
+        r = forward(theta, layout, activation, X[start:start + rows]) - y[start:start + rows]
+        total += r.square().sum(dim=(1, 2))
+    return total / (X.shape[0] * layout.d_out)
+
+
+def jacobian(theta: torch.Tensor, layout: Layout, activation: Activation, X: torch.Tensor):
+    """Outputs ``(N, n, d_out)`` and Jacobian ``(N, n, d_out, P)`` of every student's outputs.
+
+    Analytic backpropagation for all outputs at once; the column order is the flat layout's.
+    """
+    weights, biases, skip = layout.unflatten(theta)
+    n_students, n = theta.shape[0], X.shape[0]
+    posts, slopes = [X.expand(n_students, n, layout.d_in)], []
+    for w, b in zip(weights[:-1], biases[:-1]):
+        value, slope = activation.value_and_derivative(posts[-1] @ w.transpose(1, 2) + b[:, None, :])
+        posts.append(value)
+        slopes.append(slope)
+    out = posts[-1] @ weights[-1].transpose(1, 2) + biases[-1][:, None, :]
+    if skip is not None:
+        out = out + X @ skip.transpose(1, 2)
+
+    eye = torch.eye(layout.d_out, dtype=theta.dtype, device=theta.device)
+    delta = eye.expand(n_students, n, layout.d_out, layout.d_out)  # d out_k / d preact_j
+    blocks = []
+    for l in range(layout.n_layers - 1, -1, -1):
+        a_prev = posts[l]
+        blocks.append((delta.unsqueeze(-1) * a_prev[:, :, None, None, :]).flatten(-2))
+        blocks.append(delta)
+        if l:
+            delta = (delta @ weights[l].unsqueeze(1)) * slopes[l - 1][:, :, None, :]
+    ordered = []
+    for l in range(layout.n_layers):  # blocks were collected from the top layer down
+        w_block, b_block = blocks[2 * (layout.n_layers - 1 - l)], blocks[2 * (layout.n_layers - 1 - l) + 1]
+        ordered += [w_block, b_block]
+    if skip is not None:
+        ordered.append((eye[None, None, :, :, None] * X[None, :, None, None, :]).expand(
+            n_students, n, layout.d_out, layout.d_out, layout.d_in).flatten(-2))
+    return out, torch.cat(ordered, dim=-1)
+
+
+def pruned_neurons(theta: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
+    """Per hidden layer, an ``(N, width)`` mask of pruned neurons: those whose incoming weights,
+    bias and outgoing weights are all exactly zero (how :func:`compact_students` removes one)."""
+    weights, biases, _ = layout.unflatten(theta)
+    masks = []
+    for l in range(layout.n_layers - 1):
+        silent_in = (weights[l] == 0).all(-1) & (biases[l] == 0)
+        silent_out = (weights[l + 1] == 0).all(-2)
+        masks.append(silent_in & silent_out)
+    return masks
+
+
+def frozen_parameters(theta: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """``(N, P)`` mask of the parameters that belong to pruned neurons."""
+    frozen = torch.zeros_like(theta, dtype=torch.bool)
+    index = torch.arange(layout.size, device=theta.device)
+    w_idx, b_idx, _ = layout.unflatten(index)
+    for l, mask in enumerate(pruned_neurons(theta, layout)):
+        for s, j in mask.nonzero().tolist():
+            frozen[s, w_idx[l][j]] = True
+            frozen[s, b_idx[l][j]] = True
+            frozen[s, w_idx[l + 1][:, j]] = True
+    return frozen
+
+
+def compact_students(theta: torch.Tensor, layout: Layout, activation: Activation, X: torch.Tensor,
+                     y: torch.Tensor, silent_tol: float = 1e-3,
+                     duplicate_tol: float = 1e-3) -> tuple[torch.Tensor, int]:
+    """Prune, inside each student, the neurons its function hardly uses; return (theta, count).
+
+    A neuron is *silent* when its outgoing contribution (norm of its outgoing weights times the
+    standard deviation of its activity over ``X``) is below ``silent_tol`` times the targets'
+    standard deviation: its mean contribution moves into the next bias. Near a solution, a
+    student often represents one teacher neuron by a *group* of close neurons whose first-order
+    errors cancel; two neurons within cosine distance ``duplicate_tol`` (up to the activation's
+    sign symmetry) are merged into one placed at their outgoing-weight-weighted mean (right to
+    second order), carrying the sum of their outgoing weights with the symmetry's sign, scale
+    and constant corrections. A pruned neuron's weights become exact zeros, which later
+    training keeps frozen. The caller checks the result by retraining (it may be wrong when two
+    teacher neurons are closer than ``duplicate_tol``).
+    """
+    theta = theta.detach().clone()
+    weights, biases, skip = layout.unflatten(theta)  # views: edits below write into theta
+    target_std = _target_scale(y) ** 0.5
+    shallow_with_skip = skip is not None and layout.n_layers == 2
+    removed = 0
+    for s in range(theta.shape[0]):
+        a = X
+        for l in range(layout.n_layers - 1):
+            w, b, w_next, b_next = weights[l][s], biases[l][s], weights[l + 1][s], biases[l + 1][s]
+            alive = ~(((w == 0).all(1) & (b == 0)) & (w_next == 0).all(0))
+            h = activation(a @ w.T + b)
+            silent = alive & (w_next.norm(dim=0) * h.std(0) < silent_tol * target_std)
+            for j in silent.nonzero().flatten().tolist():
+                b_next += w_next[:, j] * h[:, j].mean()
+                _zero_neuron(w, b, w_next, j)
+                removed += 1
+            alive &= ~silent
+            while int(alive.sum()) > 1:
+                pair = _closest_pair(w, b, alive, activation.has_sign_symmetry)
+                if pair is None or pair[2] >= duplicate_tol:
+                    break
+                j, k, _, sign = pair
+                _merge(activation, w, b, w_next, b_next, j, k, sign,
+                       skip[s] if shallow_with_skip else None)
+                alive[j] = False
+                removed += 1
+            a = activation(a @ w.T + b)
+    return theta, removed
+
+
+def _zero_neuron(w, b, w_next, j):
+    w[j] = 0
+    b[j] = 0
+    w_next[:, j] = 0
+
+
+def _closest_pair(w, b, alive, signed):
+    """(j, k, cosine distance, sign) of the closest two alive neurons, j the weaker one."""
+    idx = alive.nonzero().flatten()
+    v = torch.cat([w[idx], b[idx, None]], 1)
+    unit = v / v.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    cos = unit @ unit.T
+    dist = 1 - (cos.abs() if signed else cos)
+    dist.fill_diagonal_(float("inf"))
+    flat = int(dist.argmin())
+    j, k = divmod(flat, len(idx))
+    return int(idx[j]), int(idx[k]), float(dist[j, k]), (1.0 if cos[j, k] > 0 else -1.0)
+
+
+def _merge(activation, w, b, w_next, b_next, j, k, sign, skip):
+    """Fold neuron j into neuron k (their incoming vectors agree up to ``sign``)."""
+    v_j, v_k = torch.cat([w[j], b[j:j + 1]]), torch.cat([w[k], b[k:k + 1]])
+    lam = float(v_j.norm() / v_k.norm().clamp_min(1e-300)) if activation.has_scaling_symmetry else 1.0
+    flips = activation.symmetry in ("odd", "odd_constant")
+    factor = (sign if flips else 1.0) * lam  # outgoing weight of j, expressed on neuron k
+    a_j, a_k = factor * w_next[:, j], w_next[:, k].clone()
+    if activation.symmetry == "odd_constant" and sign < 0:
+        b_next += activation.flip_constant * w_next[:, j]
+    if activation.leaves_linear_term and sign < 0 and skip is not None:
+        linear = -activation.flip_slope * lam * w_next[:, j]  # s(-z) = s(z) - c z
+        skip += linear[:, None] * w[k][None, :]
+        b_next += linear * b[k]
+    if float(a_j @ a_k) > 0 and not activation.has_scaling_symmetry:
+        weight_j = float(a_j.norm())
+        weight_k = float(a_k.norm())
+        v_new = (weight_j * sign * v_j + weight_k * v_k) / (weight_j + weight_k)
+        w[k], b[k] = v_new[:-1], v_new[-1]
+    w_next[:, k] = a_k + a_j
+    _zero_neuron(w, b, w_next, j)
+
+
+def _gauss_newton(theta, layout, activation, X, y):
+    """(J^T J, J^T r, sum of squared residuals) per student, accumulated over sample chunks."""
+    n_students, n_params = theta.shape
+    gram = torch.zeros(n_students, n_params, n_params, dtype=theta.dtype, device=theta.device)
+    grad = torch.zeros(n_students, n_params, dtype=theta.dtype, device=theta.device)
+    sse = torch.zeros(n_students, dtype=theta.dtype, device=theta.device)
+    rows = _chunk_rows(n_students, layout.d_out, n_params)
+    for start in range(0, X.shape[0], rows):
+        out, jac = jacobian(theta, layout, activation, X[start:start + rows])
+        r = (out - y[start:start + rows]).flatten(1, 2)
+        jac = jac.flatten(1, 2)
+        gram += jac.transpose(1, 2) @ jac
+        grad += (jac.transpose(1, 2) @ r.unsqueeze(-1)).squeeze(-1)
+        sse += r.square().sum(1)
+    return gram, grad, sse
+
+
+@dataclass
+class TrainingReport:
+    """What a training run did: relative losses per student, iterations, wall time per phase."""
+
+    relative_losses: np.ndarray
+    iterations: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+
+    def n_converged(self, tol: float) -> int:
+        return int((self.relative_losses <= tol).sum())
+
+
+def adam_phase(theta: torch.Tensor, layout: Layout, activation: Activation, X: torch.Tensor,
+               y: torch.Tensor, steps: int, lr: float = 3e-3, progress: bool = False) -> torch.Tensor:
+    """``steps`` full-batch Adam steps on the sum of the students' losses (each its own gradient)."""
+    theta = theta.detach().clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([theta], lr=lr)
+    for _ in tqdm(range(steps), desc="adam", disable=not progress, leave=False):
+        optimizer.zero_grad(set_to_none=True)
+        loss = (forward(theta, layout, activation, X) - y).square().mean(dim=(1, 2)).sum()
+        loss.backward()
+        optimizer.step()
+    return theta.detach()
+
+
+def levenberg_marquardt(theta: torch.Tensor, layout: Layout, activation: Activation,
+                        X: torch.Tensor, y: torch.Tensor, *, max_iter: int = 500,
+                        loss_floor: float = LOSS_FLOOR, patience: int = 40,
+                        min_improvement: float = 1e-3, progress: bool = False,
+                        desc: str = "levenberg-marquardt"):
+    """Batched Levenberg-Marquardt; returns (theta, relative losses ``(N,)``, iterations used).
+
+    Per student: damping ``lam`` updated by Nielsen's rule; the student leaves the batch when
+    its relative loss is below ``loss_floor``, when its loss improved by less than a factor
+    ``1 - min_improvement`` over the last ``patience`` iterations, or when its damping blows up.
+    """
+    theta = theta.detach().clone()
+    n_students, n_params = theta.shape
+    scale = _target_scale(y) * X.shape[0] * layout.d_out  # sse of a relative loss of 1
+    lam = torch.full((n_students,), float("nan"), dtype=theta.dtype, device=theta.device)
+    nu = torch.full_like(lam, 2.0)
+    best = torch.full_like(lam, float("inf"))
+    best_at = torch.zeros(n_students, dtype=torch.long)
+    sse = torch.full_like(lam, float("inf"))
+    active = torch.arange(n_students, device=theta.device)
+    eye = torch.eye(n_params, dtype=theta.dtype, device=theta.device)
+    frozen = frozen_parameters(theta, layout)
+    bar = tqdm(total=max_iter, desc=desc, disable=not progress, leave=False)
+    it = 0
+    for it in range(1, max_iter + 1):
+        gram, grad, sse_now = _gauss_newton(theta[active], layout, activation, X, y)
+        fz = frozen[active]
+        if fz.any():  # pruned neurons: no step, and an identity block in the system
+            free = (~fz).to(theta.dtype)
+            gram = gram * free[:, :, None] * free[:, None, :] + torch.diag_embed(fz.to(theta.dtype))
+            grad = grad * free
+        sse[active] = sse_now
+        new = torch.isnan(lam[active])
+        if new.any():
+            diag = gram.diagonal(dim1=1, dim2=2).mean(1)
+            lam[active[new]] = 1e-3 * diag[new].clamp_min(1e-300)
+        lam_a = lam[active]
+        chol, info = torch.linalg.cholesky_ex(gram + lam_a[:, None, None] * eye)
+        ok = info == 0
+        step = torch.zeros_like(grad)
+        if ok.any():
+            step[ok] = -torch.cholesky_solve(grad[ok].unsqueeze(-1), chol[ok]).squeeze(-1)
+        trial = theta[active] + step
+        sse_trial = student_losses(trial, layout, activation, X, y) * X.shape[0] * layout.d_out
+        predicted = -(step * grad).sum(1) + lam_a * step.square().sum(1)
+        gain = (sse_now - sse_trial) / predicted.clamp_min(1e-300)
+        accept = ok & torch.isfinite(sse_trial) & (sse_trial < sse_now)
+        idx = active[accept]
+        theta[idx] = trial[accept]
+        sse[idx] = sse_trial[accept]
+        lam[idx] = lam_a[accept] * torch.clamp(1 - (2 * gain[accept] - 1) ** 3, min=1 / 3)
+        nu[idx] = 2.0
+        rejected = active[~accept]
+        lam[rejected] = lam[rejected] * nu[rejected]
+        nu[rejected] = nu[rejected] * 2
+
+        rel = sse[active] / scale
+        improved = rel < best[active] * (1 - min_improvement)
+        best_at[active[improved].cpu()] = it
+        best[active] = torch.minimum(best[active], rel)
+        done = (rel <= loss_floor) | (it - best_at[active.cpu()].to(active.device) >= patience)
+        done |= ~torch.isfinite(lam[active]) | (lam[active] > 1e20 * lam[active].clamp_min(1).max())
+        active = active[~done]
+        bar.update(1)
+        bar.set_postfix(active=len(active), best=f"{float(best.min()):.1e}")
+        if len(active) == 0:
+            break
+    bar.close()
+    rel = student_losses(theta, layout, activation, X, y) / _target_scale(y)
+    return theta, rel, it
+
+
+def train_students(students: StudentBatch, X: torch.Tensor, y: torch.Tensor, *,
+                   adam_steps: int = 300, adam_lr: float = 3e-3, subset_rows: int | None = None,
+                   max_iter: int = 400, polish_iter: int = 100, compaction_rounds: int = 3,
+                   seed: int = 0,
+                   progress: bool = False) -> tuple[StudentBatch, TrainingReport]:
+    """Train every student of the batch on (X, y): Adam and LM on a subset, then LM on all rows.
+
+    ``subset_rows`` defaults to ``max(1000, 10 P)`` rows (all of them when there are fewer).
+    Returns the trained batch and a :class:`TrainingReport` with relative losses on all of X.
+    """
+    layout, activation = students.layout, students.activation
+    n = X.shape[0]
+    if subset_rows is None:
+        subset_rows = max(1000, 10 * layout.size)
+    seconds, iterations = {}, {}
+    theta = students.theta
+    if subset_rows < n:
+        gen = torch.Generator().manual_seed(int(seed) + 7919)
+        rows = torch.randperm(n, generator=gen)[:subset_rows].to(X.device)
+        Xs, ys = X[rows], y[rows]
+    else:
+        Xs, ys = X, y
+    t0 = time.perf_counter()
+    if adam_steps:
+        theta = adam_phase(theta, layout, activation, Xs, ys, adam_steps, adam_lr, progress)
+    seconds["adam"] = time.perf_counter() - t0
+    iterations["adam"] = adam_steps
+
+    t0 = time.perf_counter()
+    theta, rel, iterations["lm_subset"] = levenberg_marquardt(
+        theta, layout, activation, Xs, ys, max_iter=max_iter, progress=progress,
+        desc="levenberg-marquardt (subset)" if Xs is not X else "levenberg-marquardt")
+    for tol in COMPACTION_TOLERANCES[:compaction_rounds]:
+        candidates = torch.nonzero((rel > LOSS_FLOOR) & (rel < COMPACTION_MAX_LOSS)).flatten()
+        if len(candidates) == 0:
+            break
+        compact, removed = compact_students(theta[candidates], layout, activation, Xs, ys,
+                                            silent_tol=tol, duplicate_tol=tol)
+        if removed == 0:
+            continue
+        compact, rel_compact, it = levenberg_marquardt(
+            compact, layout, activation, Xs, ys, max_iter=max_iter, progress=progress,
+            desc="levenberg-marquardt (compacted)")
+        iterations["lm_subset"] += it
+        better = rel_compact <= torch.clamp(10 * rel[candidates], min=1e-20)
+        theta[candidates[better]] = compact[better]
+        rel[candidates[better]] = rel_compact[better]
+        log.info("compaction: %d neurons pruned, %d of %d students kept the result", removed,
+                 int(better.sum()), len(candidates))
+    seconds["lm_subset"] = time.perf_counter() - t0
+    if Xs is not X:
+        t0 = time.perf_counter()
+        theta, rel, iterations["lm_all"] = levenberg_marquardt(
+            theta, layout, activation, X, y, max_iter=polish_iter, patience=10,
+            progress=progress, desc="levenberg-marquardt (all rows)")
+        seconds["lm_all"] = time.perf_counter() - t0
+    log.info("trained %d students: relative losses %s", len(rel),
+             np.array2string(rel.cpu().numpy(), precision=1))
+    report = TrainingReport(rel.cpu().numpy(), iterations, seconds)
+    return StudentBatch(theta, layout, activation), report

@@ -1,0 +1,125 @@
+"""Clustering against hand-built students whose answer is known."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from eandc import random_teacher
+from eandc.clustering import cluster_layer, min_students, pairwise_distances
+from eandc.mlp import Layout, StudentBatch
+
+
+def planted_students(teacher, n_students, width, seed=0, noise=1e-7):
+    """Students computing the teacher's function (up to ``noise`` on the incoming weights),
+    each holding every teacher neuron in a random slot, some split into duplicates, some
+    sign-flipped or rescaled where the activation allows it, plus zero-output neurons and
+    cancelling pairs. Returns the batch and, per row, the planted teacher neuron (-1: junk)."""
+    rng = np.random.default_rng(seed)
+    act = teacher.activation
+    W, b, A, c = (teacher.weights[0].numpy(), teacher.biases[0].numpy(),
+                  teacher.weights[1].numpy(), teacher.biases[1].numpy())
+    k, d = W.shape
+    thetas, origin = [], []
+    layout = Layout(teacher.d_in, (width,), teacher.d_out, act.leaves_linear_term)
+    for _ in range(n_students):
+        w = np.zeros((width, d))
+        bb = np.zeros(width)
+        a = np.zeros((teacher.d_out, width))
+        out_bias = c.copy()
+        skip = np.zeros((teacher.d_out, d))
+        slots = rng.permutation(width)
+        tag = np.full(width, -1)
+        pos = 0
+        for j in range(k):
+            parts = 2 if rng.random() < 0.5 else 1  # planted duplicates
+            shares = rng.dirichlet(np.ones(parts)) if parts > 1 else [1.0]
+            for share in shares:
+                slot = slots[pos]
+                pos += 1
+                sign = -1.0 if (act.has_sign_symmetry and rng.random() < 0.5) else 1.0
+                scale = rng.uniform(0.5, 2.0) if act.has_scaling_symmetry else 1.0
+                w[slot] = sign * scale * W[j] + noise * rng.normal(size=d)
+                bb[slot] = sign * scale * b[j]
+                out = share * A[:, j] / scale
+                if sign < 0 and act.symmetry in ("odd", "odd_constant"):
+                    a[:, slot] = -out
+                    out_bias += act.flip_constant * out
+                elif sign < 0:  # even + linear: s(z) = s(-z) + c z
+                    a[:, slot] = out
+                    skip += act.flip_slope * scale * np.outer(out, W[j])
+                    out_bias += act.flip_slope * scale * out * b[j]
+                else:
+                    a[:, slot] = out
+                tag[slot] = j
+        while pos < width:  # junk: zero-output neurons and cancelling pairs
+            slot = slots[pos]
+            w[slot], bb[slot] = rng.normal(size=d), rng.normal()
+            if pos + 1 < width and rng.random() < 0.5:
+                twin = slots[pos + 1]
+                w[twin], bb[twin] = w[slot], bb[slot]
+                a[:, slot] = rng.normal(size=teacher.d_out)
+                a[:, twin] = -a[:, slot]
+                pos += 1
+            pos += 1
+        origin.append(tag)
+        parts = [torch.tensor(w), torch.tensor(a)]
+        theta = layout.flatten([parts[0], parts[1]], [torch.tensor(bb), torch.tensor(out_bias)],
+                               torch.tensor(skip) if layout.skip else None)
+        thetas.append(theta)
+    return StudentBatch(torch.stack(thetas), layout, act), np.concatenate(origin)
+
+
+ACTS = ["g", "tanh", "sigmoid", "softplus", "relu"]
+
+
+@pytest.mark.parametrize("activation", ACTS)
+def test_planted_students_compute_the_teacher(activation):
+    teacher = random_teacher(2, [4], activation=activation, seed=5)
+    students, _ = planted_students(teacher, 6, 12, noise=0.0)
+    X = torch.randn(500, 2, dtype=torch.float64)
+    for s in range(students.n_students):
+        torch.testing.assert_close(students.student(s)(X), teacher(X), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("activation", ACTS)
+def test_clustering_returns_the_planted_neurons(activation):
+    teacher = random_teacher(2, [4], activation=activation, seed=5)
+    students, origin = planted_students(teacher, 8, 12)
+    result = cluster_layer(students, 0, gamma=0.5, beta=math.pi / 6)
+    assert result.width == 4
+    rows = result.student * 12 + result.neuron  # feature-table row -> planted slot
+    assert set(rows) == set(np.flatnonzero(origin >= 0))  # junk is silent: left out
+    found = [set(origin[rows[c.members]].tolist()) for c in result.kept]
+    assert sorted(found, key=min) == [{0}, {1}, {2}, {3}]  # each kept cluster: one planted neuron
+    for cluster in result.kept:
+        planted = origin[rows[cluster.core]][0]
+        assert set(np.flatnonzero(origin == planted)) == set(rows[cluster.core])
+        assert cluster.n_students == 8 and cluster.median_angle < 1e-5
+
+
+def test_too_few_students_share_a_neuron_then_it_is_dropped():
+    teacher = random_teacher(2, [3], activation="tanh", seed=1)
+    students, origin = planted_students(teacher, 6, 8)
+    theta = students.theta.clone()
+    w, b, _ = students.layout.unflatten(theta)
+    gen = torch.Generator().manual_seed(0)
+    for row in np.flatnonzero(origin == 2):  # four of six students lose neuron 2: only 2 keep it
+        s, j = divmod(int(row), 8)
+        if s < 4:
+            w[0][s, j] = torch.randn(2, dtype=torch.float64, generator=gen)
+            b[0][s, j] = 3.0 + s
+    result = cluster_layer(StudentBatch(theta, students.layout, students.activation), 0)
+    rows = result.student * 8 + result.neuron
+    found = [set(origin[rows[c.core]].tolist()) for c in result.kept]
+    assert sorted(found, key=min) == [{0}, {1}]
+
+
+def test_min_students_and_signed_distances():
+    assert min_students(0.5, 10) == 5 and min_students(0.75, 10) == 8 and min_students(0.1, 10) == 2
+    f = np.array([[1.0, 2.0], [-1.0, -2.0], [1.0, 2.5]])
+    signed = pairwise_distances(f, signed=True)
+    plain = pairwise_distances(f, signed=False)
+    np.testing.assert_allclose(signed, [0.0, 0.5, 0.5], atol=1e-12)
+    np.testing.assert_allclose(plain[0], 2 * np.sqrt(5))
