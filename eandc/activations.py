@@ -19,8 +19,8 @@ activation                             symmetry class          identity that mak
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

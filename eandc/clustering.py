@@ -7,18 +7,19 @@ The activation's symmetries are folded:
 
 * ReLU-like units (positive scaling): each vector is divided by its norm; the norm is kept so that
   reconstruction can move it into the outgoing weights;
-* units with a sign symmetry: distances and angles are taken up to sign,
-  ``d(u, v) = min(|u - v|, |u + v|)``. This is the paper's L2 distance after sign
-  canonicalisation, made independent of the coordinate the canonical sign is read from (a
-  neuron whose first weight is near zero would otherwise be split in two). Each member's sign
-  relative to its cluster's reference is recorded.
+* units with a sign symmetry: the paper canonicalises the sign on the first input coordinate;
+  we canonicalise it on a generic direction that no neuron is close to orthogonal to
+  (:func:`canonical_signs`), so that a neuron whose first weight is near zero is not split in
+  two. Angles are taken up to sign. Each member's sign relative to its cluster's reference is
+  recorded for reconstruction.
 
 Then: average-linkage dendrogram; cut it where the number of clusters holding neurons of at
 least ``ceil(gamma N)`` *distinct students* is largest (the end of the first plateau of that
 count, as in the authors' code), considering only *stable* counts (:func:`choose_cut`); drop
-smaller clusters; drop clusters whose median pairwise angle exceeds ``beta``. Each kept cluster is one neuron of the recovered layer. Its *core*, the
-members within ``beta`` of its medoid, is what reconstruction reads: average linkage can attach a
-stray neuron to a tight cluster without moving its median angle.
+smaller clusters; drop clusters whose median pairwise angle exceeds ``beta``. Each kept cluster
+is one neuron of the recovered layer. Its *core*, the members within ``beta`` of its medoid, is
+what reconstruction reads: average linkage can attach a stray neuron to a tight cluster without
+moving its median angle.
 
 Counting distinct students rather than members matters: a student that splits one teacher
 neuron into duplicates would otherwise inflate a cluster's size. Stability matters too: when
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.cluster.hierarchy import linkage
+from scipy.spatial.distance import pdist
 
 from .activations import Activation
 from .mlp import StudentBatch
@@ -147,15 +149,34 @@ def silent_neurons(students: StudentBatch, layer: int, tol: float = 1e-9) -> np.
     return silent
 
 
+def canonical_signs(features: np.ndarray, seed: int = 0, tries: int = 16) -> np.ndarray:
+    """Signs (+1/-1) that put every row on the positive side of one generic direction.
+
+    A neuron and a sign-flipped copy of it land on the same side, so after multiplying by these
+    signs their plain L2 distance is their distance up to sign. The direction is the best of
+    ``tries`` random ones: the one that no row is close to orthogonal to.
+    """
+    rng = np.random.default_rng(seed)
+    unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-300)
+    best, best_margin = None, -1.0
+    for _ in range(tries):
+        direction = rng.normal(size=features.shape[1])
+        direction /= np.linalg.norm(direction)
+        margin = float(np.abs(unit @ direction).min())
+        if margin > best_margin:
+            best, best_margin = direction, margin
+    return np.where(features @ best < 0, -1.0, 1.0)
+
+
 def pairwise_distances(features: np.ndarray, signed: bool) -> np.ndarray:
-    """Condensed L2 distances between rows; up to sign when ``signed`` is True."""
-    sq = np.einsum("ij,ij->i", features, features)
-    dots = features @ features.T
+    """Condensed L2 distances between rows (scipy's ``pdist``); up to sign when ``signed``.
+
+    Computed from exact differences: copies that agree to 1e-16 are 1e-16 apart, which the
+    shortcut ``|u|^2 + |v|^2 - 2 u.v`` would blur to 1e-8.
+    """
     if signed:
-        dots = np.abs(dots)
-    d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * dots, 0.0)
-    iu = np.triu_indices(len(features), k=1)
-    return np.sqrt(d2[iu])
+        features = features * canonical_signs(features)[:, None]
+    return pdist(features)
 
 
 def _cosines(features: np.ndarray) -> np.ndarray:
@@ -232,16 +253,16 @@ STABLE_FACTOR = 2.0
 def choose_cut(Z: np.ndarray, counts: np.ndarray, stable_factor: float = STABLE_FACTOR) -> int:
     """Index of the merge after which to cut: the end of the first plateau of the largest count
     among the *stable* plateaus, those over which the cut height can at least double
-    (``stable_factor``) without the count changing. Falls back to the largest count overall
-    when no plateau is stable."""
+    (``stable_factor``) without the count changing; heights below 1e-10 of the largest count
+    as zero. Falls back to the largest count overall when no plateau is stable."""
     if len(counts) == 0:
         return 0
-    heights = np.append(Z[:, 2], np.inf)
+    floor = 1e-10 * max(float(Z[:, 2].max()), 1e-300)  # smaller heights are rounding noise
+    heights = np.append(np.maximum(Z[:, 2], floor), np.inf)
     plateaus, start = [], 0
     for k in range(1, len(counts) + 1):
         if k == len(counts) or counts[k] != counts[start]:
-            lifetime = heights[k] / heights[start] if heights[start] > 0 else \
-                (np.inf if heights[k] > 0 else 0.0)
+            lifetime = heights[k] / heights[start]
             plateaus.append((int(counts[start]), start, k - 1, lifetime))
             start = k
     stable = [p for p in plateaus if p[3] >= stable_factor and p[0] > 0] or plateaus

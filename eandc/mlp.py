@@ -200,18 +200,18 @@ class MLP(_Network):
         super().__init__(layout.flatten(weights, biases, skip), layout, activation)
 
     @classmethod
-    def from_flat(cls, theta: torch.Tensor, layout: Layout, activation) -> "MLP":
+    def from_flat(cls, theta: torch.Tensor, layout: Layout, activation) -> MLP:
         net = cls.__new__(cls)
         _Network.__init__(net, theta.detach().clone().to(torch.float64), layout, activation)
         return net
 
-    def copy(self) -> "MLP":
+    def copy(self) -> MLP:
         return MLP.from_flat(self.theta, self.layout, self.activation)
 
-    def to(self, device) -> "MLP":
+    def to(self, device) -> MLP:
         return MLP.from_flat(self.theta.to(device), self.layout, self.activation)
 
-    def with_skip(self) -> "MLP":
+    def with_skip(self) -> MLP:
         """The same function with an (initially zero) input-to-output linear term."""
         if self.layout.skip:
             return self.copy()
@@ -251,7 +251,7 @@ class MLP(_Network):
         return save_arrays(path, arrays, meta)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device=None) -> "MLP":
+    def load(cls, path: str | os.PathLike, device=None) -> MLP:
         """Read a network written by :meth:`save`; a foreign or damaged file raises an error."""
         arrays, meta = load_arrays(path)
         if meta.get("format") != FORMAT:
@@ -306,7 +306,7 @@ class StudentBatch(_Network):
         super().__init__(theta, layout, activation)
 
     @classmethod
-    def from_networks(cls, networks: list[MLP]) -> "StudentBatch":
+    def from_networks(cls, networks: list[MLP]) -> StudentBatch:
         layouts = {n.layout for n in networks}
         if len(layouts) != 1:
             raise ValueError("all networks of a batch must have the same sizes")

@@ -26,10 +26,10 @@ import torch
 
 from .clustering import LayerClustering
 from .mlp import MLP, Layout, StudentBatch
-from .training import levenberg_marquardt
+from .training import levenberg_marquardt, merge_neurons, pruned_neurons, zero_neuron
 
 __all__ = ["write_shared_layer", "assemble_network", "fit_linear_term", "align_output_bias",
-           "finetune", "prune", "relative_loss"]
+           "finetune", "prune", "relative_loss", "drop_pruned_neurons"]
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +77,15 @@ def _replace_layer(layout: Layout, weights, biases, skip, layer, w_in, b_in, w_n
     return new, new.flatten(weights, biases, skip)
 
 
-def write_shared_layer(students: StudentBatch, clustering: LayerClustering, losses) -> StudentBatch:
+def write_shared_layer(students: StudentBatch, clustering: LayerClustering, losses,
+                       keep_free: bool = False) -> StudentBatch:
     """Every student with hidden layer ``clustering.layer`` replaced by the clustered neurons.
 
-    The layer becomes identical in all students; each student's next layer takes its own
-    summed, sign-corrected outgoing weights (zero for clusters it has no member in).
+    The clustered neurons become identical in all students; each student's next layer takes its
+    own summed, sign-corrected outgoing weights (zero for clusters it has no member in). With
+    ``keep_free``, each student also keeps its other (unclustered, unpruned) neurons after the
+    shared ones, padded with pruned (all-zero) neurons to a common width: a consensus round,
+    after which retraining can find the neurons that too few students agreed on.
     """
     reps, _, columns, bias_shift = _cluster_parts(students, clustering, losses)
     layer = clustering.layer
@@ -92,6 +96,23 @@ def write_shared_layer(students: StudentBatch, clustering: LayerClustering, loss
     b_in = torch.as_tensor(reps[:, -1], **like).expand(n, -1)
     w_next = torch.as_tensor(columns, **like)
     b_next = biases[layer + 1] + torch.as_tensor(bias_shift, **like)
+    if keep_free:
+        used = np.zeros((n, students.widths[layer]), dtype=bool)
+        for cluster in clustering.kept:
+            used[clustering.student[cluster.core], clustering.neuron[cluster.core]] = True
+        used |= pruned_neurons(students.theta, students.layout)[layer].cpu().numpy()
+        free = [np.flatnonzero(~used[s]) for s in range(n)]
+        extra = max(len(f) for f in free)
+        pad_in = torch.zeros(n, extra, w_in.shape[-1], **like)
+        pad_b = torch.zeros(n, extra, **like)
+        pad_out = torch.zeros(n, w_next.shape[1], extra, **like)
+        for s, f in enumerate(free):
+            pad_in[s, :len(f)] = weights[layer][s, f]
+            pad_b[s, :len(f)] = biases[layer][s, f]
+            pad_out[s, :, :len(f)] = weights[layer + 1][s][:, f]
+        w_in = torch.cat([w_in, pad_in], 1)
+        b_in = torch.cat([b_in, pad_b], 1)
+        w_next = torch.cat([w_next, pad_out], 2)
     layout, theta = _replace_layer(students.layout, weights, biases, skip, layer, w_in, b_in,
                                    w_next, b_next)
     return StudentBatch(theta, layout, students.activation)
@@ -156,88 +177,87 @@ def finetune(net: MLP, X: torch.Tensor, y: torch.Tensor, max_iter: int = 300, pa
 # ---------------------------------------------------------------------------------------------
 # Pruning: neurons the function does not need, found after fine-tuning.
 
-def _remove(net: MLP, layer: int, j: int, into: int | None = None, factor: float = 1.0,
-            bias_shift=None) -> MLP:
-    """``net`` without neuron ``j`` of hidden ``layer``; its outgoing weights times ``factor``
-    are added to neuron ``into`` (if given) and ``bias_shift`` to the next layer's bias."""
-    weights = [w.clone() for w in net.weights]
-    biases = [b.clone() for b in net.biases]
-    w_next = weights[layer + 1]
-    if into is not None:
-        w_next[:, into] += factor * w_next[:, j]
-    if bias_shift is not None:
-        biases[layer + 1] += bias_shift
-    keep = [k for k in range(w_next.shape[1]) if k != j]
-    weights[layer] = weights[layer][keep]
-    biases[layer] = biases[layer][keep]
-    weights[layer + 1] = w_next[:, keep]
+def drop_pruned_neurons(net: MLP) -> MLP:
+    """The network without its pruned neurons (exact zeros in, bias and out)."""
+    masks = pruned_neurons(net.theta[None], net.layout)
+    weights, biases = list(net.weights), list(net.biases)
+    for layer, mask in enumerate(masks):
+        keep = ~mask[0]
+        weights[layer], biases[layer] = weights[layer][keep], biases[layer][keep]
+        weights[layer + 1] = weights[layer + 1][:, keep]
     return MLP(weights, biases, net.activation, skip=net.skip, device=net.device)
 
 
+def _without(net: MLP, X: torch.Tensor, layer: int, j: int, into: int | None) -> MLP:
+    """``net`` with neuron ``j`` of hidden ``layer`` silenced (its mean output moved into the next
+    bias) or, when ``into`` is given, merged into that neuron (see ``merge_neurons``)."""
+    theta = net.theta.clone()[None]
+    weights, biases, skip = net.layout.unflatten(theta)
+    w, b = weights[layer][0], biases[layer][0]
+    w_next, b_next = weights[layer + 1][0], biases[layer + 1][0]
+    if into is None:
+        b_next += w_next[:, j] * net.hidden(X)[layer][:, j].mean()
+        zero_neuron(w, b, w_next, j)
+    else:
+        sign = 1.0 if float(torch.dot(torch.cat([w[j], b[j:j + 1]]),
+                                      torch.cat([w[into], b[into:into + 1]]))) > 0 else -1.0
+        shallow_skip = skip[0] if skip is not None and net.n_hidden_layers == 1 else None
+        merge_neurons(net.activation, w, b, w_next, b_next, j, into, sign, shallow_skip)
+    return drop_pruned_neurons(MLP.from_flat(theta[0], net.layout, net.activation))
+
+
 def _candidates(net: MLP, X: torch.Tensor, tol: float):
-    """Removals worth trying, most promising first: (score, layer, j, into, factor, bias_shift)."""
+    """Removals worth trying, most promising first: (score, layer, j, into)."""
     act = net.activation
     out = []
-    posts = net.hidden(X)
-    for layer, h in enumerate(posts):
-        w_next = net.weights[layer + 1]
-        mean = h.mean(0)
-        contribution = w_next.norm(dim=0) * h.std(0)
+    for layer, h in enumerate(net.hidden(X)):
+        contribution = net.weights[layer + 1].norm(dim=0) * h.std(0)
         contribution = contribution / contribution.max().clamp_min(1e-300)
         v = torch.cat([net.weights[layer], net.biases[layer][:, None]], dim=1)
-        norms = v.norm(dim=1).clamp_min(1e-300)
-        cos = (v @ v.T) / (norms[:, None] * norms[None, :])
+        unit = v / v.norm(dim=1, keepdim=True).clamp_min(1e-300)
+        cos = unit @ unit.T
+        dist = 1 - (cos.abs() if act.has_sign_symmetry else cos)
+        dist.fill_diagonal_(float("inf"))
         for j in range(h.shape[1]):
-            if contribution[j] < tol:  # (nearly) constant or silent: fold into the next bias
-                out.append((float(contribution[j]), layer, j, None, 1.0, w_next[:, j] * mean[j]))
-            for k in range(h.shape[1]):
-                if k == j:
-                    continue
-                c = float(cos[j, k])
-                same = 1 - (abs(c) if act.has_sign_symmetry else c)
-                if same >= tol:
-                    continue
-                sign = 1.0 if c > 0 else -1.0
-                factor = sign if act.symmetry in ("odd", "odd_constant") else 1.0
-                if act.has_scaling_symmetry:
-                    factor = float(norms[j] / norms[k])
-                shift = None
-                if act.symmetry == "odd_constant" and sign < 0:
-                    shift = act.flip_constant * w_next[:, j]
-                out.append((same, layer, j, k, factor, shift))
+            if contribution[j] < tol:  # (nearly) constant or silent
+                out.append((float(contribution[j]), layer, j, None))
+            k = int(dist[j].argmin()) if h.shape[1] > 1 else None
+            if k is not None and dist[j, k] < tol:  # (nearly) a duplicate of neuron k
+                out.append((float(dist[j, k]), layer, j, k))
     out.sort(key=lambda item: item[0])
     return out
 
 
-def prune(net: MLP, X: torch.Tensor, y: torch.Tensor, *, tol: float = 1e-4, max_trials: int | None = None,
-          progress: bool = False) -> tuple[MLP, float, list[str]]:
+def prune(net: MLP, X: torch.Tensor, y: torch.Tensor, *, tol: float = 1e-2,
+          max_trials: int | None = None, progress: bool = False) -> tuple[MLP, float, list[str]]:
     """Remove neurons that the function does not need; return (network, rel. loss, log lines).
 
     Candidates are silent or constant neurons (relative contribution below ``tol``) and
-    duplicates (cosine distance below ``tol``, up to the activation's symmetry). A candidate is
-    removed, its effect folded into the next layer (and the linear term refitted where the
-    activation has one), the network fine-tuned, and the removal kept only if the relative
-    loss stays at the floor: below ``max(1e-20, 10 * loss before)``. Removing a neuron that
-    the function needs raises the loss by many orders of magnitude, so the test is sharp.
+    near-duplicates (cosine distance below ``tol``, up to the activation's symmetry). A
+    candidate is removed, its effect folded into the next layer (and the linear term refitted
+    where the activation has one), the network fine-tuned, and the removal kept only if the
+    relative loss stays at the floor: below ``max(1e-20, 10 * loss before)``. Removing a neuron
+    that the function needs raises the loss by orders of magnitude, so the test is sharp, and
+    ``tol`` only decides which removals are worth trying.
     """
-    net, loss = finetune(net, X, y)
+    net, loss = finetune(net, X, y, progress=progress)
     notes = []
     trials = 0
-    max_trials = max_trials if max_trials is not None else 3 * sum(net.widths)
+    max_trials = max_trials if max_trials is not None else 2 * sum(net.widths)
     changed = True
     while changed and trials < max_trials:
         changed = False
         tried = set()
-        for score, layer, j, into, factor, shift in _candidates(net, X, tol):
+        for score, layer, j, into in _candidates(net, X, tol):
             if (layer, j) in tried or trials >= max_trials:
                 continue
             tried.add((layer, j))
             trials += 1
-            trial = _remove(net, layer, j, into, factor, shift)
+            trial = _without(net, X, layer, j, into)
             if trial.layout.skip and layer == len(net.widths) - 1:
                 trial = fit_linear_term(trial, X, y)
-            trial, trial_loss = finetune(trial, X, y)
-            what = f"layer {layer} neuron {j}" + (f" merged into {into}" if into is not None else "")
+            trial, trial_loss = finetune(trial, X, y, progress=progress)
+            what = f"layer {layer + 1} neuron {j}" + (f" merged into {into}" if into is not None else "")
             if trial_loss <= max(1e-20, 10 * loss):
                 notes.append(f"removed {what} (score {score:.1e}): loss {loss:.1e} -> {trial_loss:.1e}")
                 net, loss, changed = trial, trial_loss, True
@@ -246,4 +266,3 @@ def prune(net: MLP, X: torch.Tensor, y: torch.Tensor, *, tol: float = 1e-4, max_
     for line in notes:
         log.info("prune: %s", line)
     return net, loss, notes
-

@@ -4,6 +4,10 @@
    (given widths, or found by doubling until the students consistently reach ~zero loss).
 2. **Cluster**, layer by layer: cluster layer l across students, write the clustered layer into
    every student, retrain the students, cluster layer l + 1 from the retrained students.
+   Consensus rounds (our addition): before moving on, the clustered neurons are shared with
+   every student while each keeps its other neurons free; after retraining, the layer is
+   clustered again, and the round is kept if it finds more clusters. Neurons that too few
+   students had found precisely (deep networks, weakly determined neurons) are found this way.
 3. **Reconstruct** at the last hidden layer, align the output bias, fit the linear term where the
    activation's symmetry leaves one, and fine-tune to machine precision.
 4. **Prune** (our addition, on by default): clustering can keep a cluster the function does not
@@ -21,13 +25,22 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from .activations import get_activation
 from .clustering import LayerClustering, cluster_layer, min_students
 from .mlp import MLP, Layout, StudentBatch
-from .reconstruction import (align_output_bias, assemble_network, finetune, fit_linear_term,
-                             prune, relative_loss, write_shared_layer)
-from .teachers import check_inputs, query as query_teacher
+from .reconstruction import (
+    align_output_bias,
+    assemble_network,
+    finetune,
+    fit_linear_term,
+    prune,
+    relative_loss,
+    write_shared_layer,
+)
+from .teachers import check_inputs
+from .teachers import query as query_teacher
 from .training import TrainingReport, init_students, train_students
 
 __all__ = ["expand_and_cluster", "ExpandAndClusterResult", "find_student_widths"]
@@ -94,6 +107,9 @@ def _check_parameters(activation, n_hidden_layers, n_students, gamma, beta, stud
 def _targets(query, X):
     if callable(query):
         return query_teacher(query, X)
+    if not isinstance(query, (np.ndarray, torch.Tensor, list, tuple)) or np.ndim(query) not in (1, 2):
+        raise TypeError("the teacher must be callable, or an array of its outputs on X with shape "
+                        f"(n,) or (n, d_out); got {type(query).__name__}")
     y = check_inputs(query, name="teacher outputs") if np.ndim(query) == 2 else \
         check_inputs(np.asarray(query)[:, None], name="teacher outputs")
     if y.shape[0] != X.shape[0]:
@@ -132,7 +148,7 @@ def find_student_widths(X, y, activation, n_hidden_layers=1, *, n_students=10, s
 def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_widths=None,
                        n_students=10, gamma=0.5, beta=math.pi / 6, seed=0, device=None,
                        progress=True, prune_network=True, feature_mask=None,
-                       train_options=None) -> ExpandAndClusterResult:
+                       consensus_rounds=2, train_options=None) -> ExpandAndClusterResult:
     """Recover a black-box MLP's layer widths and weights from queries (see the module doc).
 
     ``query``: the teacher, any callable (an :class:`~eandc.MLP`, a ``torch.nn.Module``, a
@@ -141,7 +157,9 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
     ``student_widths``: one width per hidden layer (or one int for all); ``None`` doubles the
     width until the students consistently reach ~zero loss. ``gamma``, ``beta``: the cluster
     size (fraction of students) and median-angle (radians) thresholds. ``train_options``:
-    keyword arguments for :func:`eandc.training.train_students`.
+    keyword arguments for :func:`eandc.training.train_students`. ``consensus_rounds``: how many
+    times at most to share the clustered neurons of a layer with every student, retrain, and
+    cluster again, while that finds more clusters (0: the paper's single pass).
     """
     act, student_widths = _check_parameters(activation, n_hidden_layers, n_students, gamma, beta,
                                             student_widths)
@@ -175,11 +193,26 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
 
     clusterings = []
     timings["clustering"] = 0.0
+    retrain = dict(options, adam_steps=0)
     for layer in range(n_hidden_layers):
+        mask = feature_mask if layer == 0 else None
         t0 = time.perf_counter()
-        clustering = cluster_layer(students, layer, gamma, beta, losses,
-                                   feature_mask if layer == 0 else None)
+        clustering = cluster_layer(students, layer, gamma, beta, losses, mask)
         timings["clustering"] += time.perf_counter() - t0
+        for _ in range(consensus_rounds if clustering.width else 0):
+            t0 = time.perf_counter()
+            trial = write_shared_layer(students, clustering, losses, keep_free=True)
+            trial, trial_report = train_students(trial, X, y, seed=seed + 101 + layer, **retrain)
+            trial_clustering = cluster_layer(trial, layer, gamma, beta, trial_report.relative_losses,
+                                             mask)
+            key = f"consensus layer {layer + 1}"
+            timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+            log.info("layer %d consensus round: %d -> %d clusters", layer + 1, clustering.width,
+                     trial_clustering.width)
+            if trial_clustering.width <= clustering.width:
+                break
+            students, clustering, losses = trial, trial_clustering, trial_report.relative_losses
+            reports.append(trial_report)
         clusterings.append(clustering)
         if clustering.width == 0:
             raise RuntimeError(f"layer {layer}: no cluster holds neurons of {needed} students with "
@@ -188,8 +221,7 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
         if layer < n_hidden_layers - 1:
             t0 = time.perf_counter()
             students = write_shared_layer(students, clustering, losses)
-            options_retrain = dict(options, adam_steps=0)
-            students, report = train_students(students, X, y, seed=seed + layer + 1, **options_retrain)
+            students, report = train_students(students, X, y, seed=seed + layer + 1, **retrain)
             reports.append(report)
             losses = report.relative_losses
             timings[f"retraining layer {layer + 2}"] = time.perf_counter() - t0

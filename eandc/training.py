@@ -177,15 +177,15 @@ def compact_students(theta: torch.Tensor, layout: Layout, activation: Activation
             silent = alive & (w_next.norm(dim=0) * h.std(0) < silent_tol * target_std)
             for j in silent.nonzero().flatten().tolist():
                 b_next += w_next[:, j] * h[:, j].mean()
-                _zero_neuron(w, b, w_next, j)
+                zero_neuron(w, b, w_next, j)
                 removed += 1
             alive &= ~silent
             while int(alive.sum()) > 1:
-                pair = _closest_pair(w, b, alive, activation.has_sign_symmetry)
+                pair = closest_pair(w, b, alive, activation.has_sign_symmetry)
                 if pair is None or pair[2] >= duplicate_tol:
                     break
                 j, k, _, sign = pair
-                _merge(activation, w, b, w_next, b_next, j, k, sign,
+                merge_neurons(activation, w, b, w_next, b_next, j, k, sign,
                        skip[s] if shallow_with_skip else None)
                 alive[j] = False
                 removed += 1
@@ -193,13 +193,14 @@ def compact_students(theta: torch.Tensor, layout: Layout, activation: Activation
     return theta, removed
 
 
-def _zero_neuron(w, b, w_next, j):
+def zero_neuron(w, b, w_next, j):
+    """Prune neuron j in place: its incoming, bias and outgoing weights become exact zeros."""
     w[j] = 0
     b[j] = 0
     w_next[:, j] = 0
 
 
-def _closest_pair(w, b, alive, signed):
+def closest_pair(w, b, alive, signed):
     """(j, k, cosine distance, sign) of the closest two alive neurons, j the weaker one."""
     idx = alive.nonzero().flatten()
     v = torch.cat([w[idx], b[idx, None]], 1)
@@ -212,7 +213,7 @@ def _closest_pair(w, b, alive, signed):
     return int(idx[j]), int(idx[k]), float(dist[j, k]), (1.0 if cos[j, k] > 0 else -1.0)
 
 
-def _merge(activation, w, b, w_next, b_next, j, k, sign, skip):
+def merge_neurons(activation, w, b, w_next, b_next, j, k, sign, skip):
     """Fold neuron j into neuron k (their incoming vectors agree up to ``sign``)."""
     v_j, v_k = torch.cat([w[j], b[j:j + 1]]), torch.cat([w[k], b[k:k + 1]])
     lam = float(v_j.norm() / v_k.norm().clamp_min(1e-300)) if activation.has_scaling_symmetry else 1.0
@@ -231,7 +232,7 @@ def _merge(activation, w, b, w_next, b_next, j, k, sign, skip):
         v_new = (weight_j * sign * v_j + weight_k * v_k) / (weight_j + weight_k)
         w[k], b[k] = v_new[:-1], v_new[-1]
     w_next[:, k] = a_k + a_j
-    _zero_neuron(w, b, w_next, j)
+    zero_neuron(w, b, w_next, j)
 
 
 def _gauss_newton(theta, layout, activation, X, y):

@@ -123,3 +123,6 @@ def test_min_students_and_signed_distances():
     plain = pairwise_distances(f, signed=False)
     np.testing.assert_allclose(signed, [0.0, 0.5, 0.5], atol=1e-12)
     np.testing.assert_allclose(plain[0], 2 * np.sqrt(5))
+    # exact differences: copies 1e-14 apart stay 1e-14 apart (the Gram shortcut gives ~1e-8)
+    g = np.array([[0.3, -1.2, 0.7], [0.3, -1.2, 0.7 + 1e-14], [-0.3, 1.2, -0.7 - 2e-14]])
+    np.testing.assert_allclose(pairwise_distances(g, signed=True), [1e-14, 2e-14, 1e-14], rtol=0.2)

@@ -31,9 +31,12 @@ def test_query_accepts_every_kind_of_teacher():
     X = gaussian_inputs(1000, 3)
     reference = teacher(X)
     module = teacher.to_torch().float()  # a float32 module is queried on a float64 copy
-    np_fn = lambda x: np.tanh(x @ teacher.weights[0].numpy().T + teacher.biases[0].numpy()) \
-        @ teacher.weights[1].numpy().T + teacher.biases[1].numpy()
-    torch_fn = lambda x: teacher.to_torch()(x)
+    def np_fn(x):
+        hidden = np.tanh(x @ teacher.weights[0].numpy().T + teacher.biases[0].numpy())
+        return hidden @ teacher.weights[1].numpy().T + teacher.biases[1].numpy()
+
+    def torch_fn(x):
+        return teacher.to_torch()(x)
     for black_box in (teacher, np_fn, torch_fn):
         y = query(black_box, X, chunk_size=128)
         assert isinstance(y, np.ndarray) and y.dtype == np.float64 and y.shape == (1000, 2)
