@@ -48,6 +48,7 @@ __all__ = ["expand_and_cluster", "ExpandAndClusterResult", "find_student_widths"
 log = logging.getLogger(__name__)
 
 ZERO_LOSS = 1e-8  # relative loss that counts as "~zero" when choosing the student width
+CONSENSUS_MIN_LOSS = 1e-20  # consensus rounds run only while some student is above this loss
 
 
 @dataclass
@@ -199,7 +200,9 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
         t0 = time.perf_counter()
         clustering = cluster_layer(students, layer, gamma, beta, losses, mask)
         timings["clustering"] += time.perf_counter() - t0
-        for _ in range(consensus_rounds if clustering.width else 0):
+        # students at the loss floor hold every neuron exactly: nothing left to agree on
+        rounds = consensus_rounds if clustering.width and losses.max() > CONSENSUS_MIN_LOSS else 0
+        for _ in range(rounds):
             t0 = time.perf_counter()
             trial = write_shared_layer(students, clustering, losses, keep_free=True)
             trial, trial_report = train_students(trial, X, y, seed=seed + 101 + layer, **retrain)
@@ -215,7 +218,7 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
             reports.append(trial_report)
         clusterings.append(clustering)
         if clustering.width == 0:
-            raise RuntimeError(f"layer {layer}: no cluster holds neurons of {needed} students with "
+            raise RuntimeError(f"layer {layer + 1}: no cluster holds neurons of {needed} students with "
                                f"median angle below beta; the students did not agree (losses "
                                f"{np.array2string(losses, precision=1)}). Try wider students.")
         if layer < n_hidden_layers - 1:
