@@ -1,11 +1,12 @@
 """Recovery success over random teachers: the issue's toy setting, for several seeds.
 
-    python benchmarks/recovery_sweep.py [--activations g,tanh,...] [--seeds 0-7] [--width 4]
+    python benchmarks/recovery_sweep.py [--activations g,tanh,...] [--seeds 0-7] [--widths 4]
+    python benchmarks/recovery_sweep.py --activations g --widths 4,3 --seeds 1-2   # deep
 
-For each activation and seed: a teacher d_in=2 -> width -> 1 (eandc.random_teacher), 10,000
-Gaussian queries, 10 students 4 x width wide; success means recovered width exact, max cosine
-distance <= 1e-10 and held-out relative RMSE <= 1e-9. Prints a table and writes
-benchmarks/results/recovery_sweep-<date>.json with the machine, versions and commit.
+For each activation and seed: a teacher d_in=2 -> widths -> 1 (eandc.random_teacher), 10,000
+Gaussian queries, 10 students rho x widths wide; success means recovered widths exact, max
+cosine distance <= 1e-10 and held-out relative RMSE <= 1e-9. Prints a table and writes
+benchmarks/results/recovery_sweep-<date>-<time>.json with the machine, versions and commit.
 """
 
 from __future__ import annotations
@@ -34,17 +35,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--activations", default="g,tanh,sigmoid,softplus,relu")
     parser.add_argument("--seeds", default="0-7", type=_seeds)
-    parser.add_argument("--width", type=int, default=4)
+    parser.add_argument("--widths", default="4", help="teacher hidden widths, e.g. 4 or 4,3")
     parser.add_argument("--rho", type=int, default=4)
     args = parser.parse_args()
+    widths = [int(w) for w in args.widths.split(",")]
     rows = []
     for activation in args.activations.split(","):
         for seed in args.seeds:
-            teacher = eandc.random_teacher(2, [args.width], activation=activation, seed=seed)
+            teacher = eandc.random_teacher(2, widths, activation=activation, seed=seed)
             X = eandc.gaussian_inputs(10_000, 2, seed=seed + 1)
             start = time.perf_counter()
-            result = eandc.expand_and_cluster(teacher, X, activation,
-                                              student_widths=[args.rho * args.width],
+            result = eandc.expand_and_cluster(teacher, X, activation, n_hidden_layers=len(widths),
+                                              student_widths=[args.rho * w for w in widths],
                                               seed=seed, progress=False)
             seconds = time.perf_counter() - start
             held_out = eandc.gaussian_inputs(5_000, 2, seed=seed + 2)
@@ -68,8 +70,9 @@ def main() -> None:
     record = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), commit=commit,
                   machine=platform.platform(), processor=platform.processor(),
                   threads=torch.get_num_threads(), torch=torch.__version__, eandc=eandc.__version__,
-                  width=args.width, rho=args.rho, rows=rows)
-    out = Path(__file__).parent / "results" / f"recovery_sweep-{datetime.date.today()}.json"
+                  widths=widths, rho=args.rho, rows=rows)
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M%S")
+    out = Path(__file__).parent / "results" / f"recovery_sweep-{stamp}.json"
     out.write_text(json.dumps(record, indent=1))
     print(f"written {out}")
 

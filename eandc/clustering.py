@@ -272,12 +272,15 @@ def choose_cut(Z: np.ndarray, counts: np.ndarray, stable_factor: float = STABLE_
 
 def cluster_layer(students: StudentBatch, layer: int, gamma: float = 0.5,
                   beta: float = math.pi / 6, student_losses=None,
-                  feature_mask: np.ndarray | None = None) -> LayerClustering:
+                  feature_mask: np.ndarray | None = None,
+                  include: np.ndarray | None = None) -> LayerClustering:
     """Cluster hidden layer ``layer`` of ``students`` (see the module doc for each step).
 
     ``student_losses`` ranks the students (lowest first) to pick each cluster's reference
     member. ``feature_mask`` (one bool per incoming coordinate) leaves coordinates out of the
-    distances and angles, for inputs that never vary across the queries.
+    distances and angles, for inputs that never vary across the queries. ``include`` (one bool
+    per student) leaves students out, for example those that did not converge; the threshold
+    ``ceil(gamma N)`` still counts all N students.
     """
     activation: Activation = students.activation
     n_students = students.n_students
@@ -286,7 +289,10 @@ def cluster_layer(students: StudentBatch, layer: int, gamma: float = 0.5,
     width = students.widths[layer]
     student = np.repeat(np.arange(n_students), width)
     neuron = np.tile(np.arange(width), n_students)
-    alive = ~silent_neurons(students, layer).reshape(-1)
+    alive = ~silent_neurons(students, layer)
+    if include is not None:
+        alive &= np.asarray(include, dtype=bool)[:, None]
+    alive = alive.reshape(-1)
     feats, scale, student, neuron = feats[alive], scale[alive], student[alive], neuron[alive]
     if len(feats) < 2:
         raise ValueError(f"layer {layer}: fewer than two neurons left to cluster")

@@ -210,9 +210,17 @@ def _candidates(net: MLP, X: torch.Tensor, tol: float):
     """Removals worth trying, most promising first: (score, layer, j, into)."""
     act = net.activation
     out = []
-    for layer, h in enumerate(net.hidden(X)):
+    posts = net.hidden(X)
+    for layer, h in enumerate(posts):
         contribution = net.weights[layer + 1].norm(dim=0) * h.std(0)
         contribution = contribution / contribution.max().clamp_min(1e-300)
+        if net.layout.skip and layer == len(posts) - 1:  # linear on the data: the linear term's job
+            design = torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype, device=X.device)], 1)
+            fit = design @ torch.linalg.lstsq(design, h).solution
+            nonlinear = (h - fit).norm(dim=0) / (h - h.mean(0)).norm(dim=0).clamp_min(1e-300)
+            for j in range(h.shape[1]):
+                if nonlinear[j] < tol and contribution[j] >= tol:
+                    out.append((float(nonlinear[j]), layer, j, None))
         v = torch.cat([net.weights[layer], net.biases[layer][:, None]], dim=1)
         unit = v / v.norm(dim=1, keepdim=True).clamp_min(1e-300)
         cos = unit @ unit.T
@@ -232,8 +240,10 @@ def prune(net: MLP, X: torch.Tensor, y: torch.Tensor, *, tol: float = 1e-2,
           max_trials: int | None = None, progress: bool = False) -> tuple[MLP, float, list[str]]:
     """Remove neurons that the function does not need; return (network, rel. loss, log lines).
 
-    Candidates are silent or constant neurons (relative contribution below ``tol``) and
-    near-duplicates (cosine distance below ``tol``, up to the activation's symmetry). A
+    Candidates are silent or constant neurons (relative contribution below ``tol``),
+    near-duplicates (cosine distance below ``tol``, up to the activation's symmetry) and, where
+    the network has a linear term, neurons whose output is linear on the queries (relative
+    residual of a linear fit below ``tol``: a ReLU active on every query, say). A
     candidate is removed, its effect folded into the next layer (and the linear term refitted
     where the activation has one), the network fine-tuned, and the removal kept only if the
     relative loss stays at the floor: below ``max(1e-20, 10 * loss before)``. Removing a neuron

@@ -125,6 +125,14 @@ def _check_size(layout: Layout, n: int):
                          "as parameters, or narrower students")
 
 
+def converged(losses: np.ndarray, needed: int) -> np.ndarray:
+    """Students whose relative loss is ~zero (at most ``ZERO_LOSS``); all of them when fewer than
+    ``needed`` are. Clustering reads only these: a student far from a solution contributes
+    neurons that match no teacher neuron and blur the tree."""
+    good = losses <= ZERO_LOSS
+    return good if good.sum() >= needed else np.ones_like(good)
+
+
 def find_student_widths(X, y, activation, n_hidden_layers=1, *, n_students=10, start=2,
                         max_width=256, consistency=0.8, zero_loss=ZERO_LOSS, seed=0, device=None,
                         progress=False, **train_options):
@@ -198,7 +206,8 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
     for layer in range(n_hidden_layers):
         mask = feature_mask if layer == 0 else None
         t0 = time.perf_counter()
-        clustering = cluster_layer(students, layer, gamma, beta, losses, mask)
+        clustering = cluster_layer(students, layer, gamma, beta, losses, mask,
+                                   converged(losses, needed))
         timings["clustering"] += time.perf_counter() - t0
         # students at the loss floor hold every neuron exactly: nothing left to agree on
         rounds = consensus_rounds if clustering.width and losses.max() > CONSENSUS_MIN_LOSS else 0
@@ -206,15 +215,16 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
             t0 = time.perf_counter()
             trial = write_shared_layer(students, clustering, losses, keep_free=True)
             trial, trial_report = train_students(trial, X, y, seed=seed + 101 + layer, **retrain)
-            trial_clustering = cluster_layer(trial, layer, gamma, beta, trial_report.relative_losses,
-                                             mask)
+            trial_losses = trial_report.relative_losses
+            trial_clustering = cluster_layer(trial, layer, gamma, beta, trial_losses, mask,
+                                             converged(trial_losses, needed))
             key = f"consensus layer {layer + 1}"
             timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
             log.info("layer %d consensus round: %d -> %d clusters", layer + 1, clustering.width,
                      trial_clustering.width)
             if trial_clustering.width <= clustering.width:
                 break
-            students, clustering, losses = trial, trial_clustering, trial_report.relative_losses
+            students, clustering, losses = trial, trial_clustering, trial_losses
             reports.append(trial_report)
         clusterings.append(clustering)
         if clustering.width == 0:

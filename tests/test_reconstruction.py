@@ -122,3 +122,18 @@ def test_planted_deep_students_reconstruct_the_teacher_exactly_layer_by_layer():
     assert net.widths == [4, 3] and loss < 1e-26
     result = compare(teacher, net, gaussian_inputs(3000, 2, seed=9))
     assert result.max_distance < 1e-12 and result.relative_rmse < 1e-12
+
+
+def test_prune_moves_a_neuron_that_is_linear_on_the_queries_into_the_linear_term():
+    teacher = random_teacher(2, [3], activation="relu", seed=2)
+    X = torch.from_numpy(gaussian_inputs(3000, 2, seed=0))
+    y = teacher(X)
+    # an extra ReLU whose bias keeps it active on every query: a linear function there
+    w = torch.cat([teacher.weights[0], torch.tensor([[0.3, -0.4]], dtype=torch.float64)])
+    b = torch.cat([teacher.biases[0], torch.tensor([50.0], dtype=torch.float64)])
+    a = torch.cat([teacher.weights[1], torch.tensor([[0.7]], dtype=torch.float64)], 1)
+    extra = MLP([w, a], [b, teacher.biases[1] - 35.0], "relu", skip=torch.zeros(1, 2))
+    assert (X @ w[3] + b[3] > 0).all()
+    pruned, loss, _ = prune(extra, X, y)
+    assert pruned.widths == [3] and loss < 1e-26
+    assert compare(teacher, pruned, gaussian_inputs(2000, 2, seed=5)).relative_rmse < 1e-12
