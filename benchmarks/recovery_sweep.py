@@ -45,9 +45,17 @@ def main() -> None:
             teacher = eandc.random_teacher(2, widths, activation=activation, seed=seed)
             X = eandc.gaussian_inputs(10_000, 2, seed=seed + 1)
             start = time.perf_counter()
-            result = eandc.expand_and_cluster(teacher, X, activation, n_hidden_layers=len(widths),
-                                              student_widths=[args.rho * w for w in widths],
-                                              seed=seed, progress=False)
+            try:
+                result = eandc.expand_and_cluster(teacher, X, activation,
+                                                  n_hidden_layers=len(widths),
+                                                  student_widths=[args.rho * w for w in widths],
+                                                  seed=seed, progress=False)
+            except RuntimeError as error:  # no cluster survived: a failed recovery, recorded
+                seconds = time.perf_counter() - start
+                rows.append(dict(activation=activation, seed=seed, success=False, error=str(error),
+                                 seconds=round(seconds, 2)))
+                print(f"{activation:9s} seed {seed}: failed after {seconds:.1f} s: {error}", flush=True)
+                continue
             seconds = time.perf_counter() - start
             held_out = eandc.gaussian_inputs(5_000, 2, seed=seed + 2)
             comparison = eandc.compare(teacher, result.network, held_out)

@@ -2,13 +2,14 @@
 
 Random-teacher recipe (:func:`random_teacher`), fixed so that results can be re-run:
 
-* first hidden layer: weights and biases i.i.d. ``N(0, 1)``, as in the random teachers of the
-  authors' lab (MLPGradientFlow.jl: ``W1 ~ N(0, 1)`` of size ``k x (d_in + 1)``);
-* deeper hidden layers: weights ``N(0, 1 / fan_in)`` (pre-activations stay of order one),
-  biases ``N(0, 1)``;
-* output layer: weights and bias ``N(0, 1)``;
+* every weight and bias i.i.d. ``N(0, 1)``, as in the random teachers of the authors' lab
+  (MLPGradientFlow.jl: ``W1 ~ N(0, 1)`` of size ``k x (d_in + 1)``, ``W2 ~ N(0, 1)``);
 * no linear term; the draws use ``numpy.random.default_rng(seed)`` layer by layer, weights
   before biases.
+
+(Scaling deeper weights by ``1 / sqrt(fan_in)`` instead makes their pre-activations small next to
+their biases, since hidden activities vary less than unit-variance inputs: such neurons work in
+a nearly linear regime and the queries barely determine them.)
 
 The teacher is any callable: an :class:`~eandc.MLP`, a ``torch.nn.Module``, or a plain function
 of numpy arrays or of tensors. :func:`query` calls it in chunks and returns float64 outputs of
@@ -41,9 +42,8 @@ def random_teacher(d_in: int, widths, d_out: int = 1, activation: str = "g", see
     get_activation(activation)
     rng = np.random.default_rng(seed)
     weights, biases = [], []
-    for l, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        std = 1.0 if l == 0 or l == len(sizes) - 2 else 1.0 / np.sqrt(fan_in)
-        weights.append(rng.normal(0.0, std, size=(fan_out, fan_in)))
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        weights.append(rng.normal(0.0, 1.0, size=(fan_out, fan_in)))
         biases.append(rng.normal(0.0, 1.0, size=fan_out))
     return MLP(weights, biases, activation)
 
