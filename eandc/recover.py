@@ -41,7 +41,7 @@ from .reconstruction import (
 )
 from .teachers import check_inputs
 from .teachers import query as query_teacher
-from .training import TrainingReport, init_students, train_students
+from .training import TrainingReport, format_losses, init_students, train_students
 
 __all__ = ["expand_and_cluster", "ExpandAndClusterResult", "find_student_widths"]
 
@@ -75,7 +75,7 @@ class ExpandAndClusterResult:
         lines = [f"recovered widths   {self.widths} (clusters kept: {self.clustered_widths}; "
                  f"students {self.student_widths})",
                  f"final rel. loss    {self.final_loss:.2e}",
-                 "student rel. loss  " + np.array2string(self.student_losses[0], precision=1),
+                 "student rel. loss  " + format_losses(self.student_losses[0]),
                  "wall seconds       " + ", ".join(f"{k} {v:.1f}" for k, v in self.timings.items())]
         return "\n".join(lines)
 
@@ -230,7 +230,7 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
         if clustering.width == 0:
             raise RuntimeError(f"layer {layer + 1}: no cluster holds neurons of {needed} students with "
                                f"median angle below beta; the students did not agree (losses "
-                               f"{np.array2string(losses, precision=1)}). Try wider students.")
+                               f"{format_losses(losses)}). Try wider students.")
         if layer < n_hidden_layers - 1:
             t0 = time.perf_counter()
             students = write_shared_layer(students, clustering, losses)

@@ -66,6 +66,11 @@ def init_students(layout: Layout, activation: Activation, n_students: int, y: to
     return StudentBatch(theta.to(device), layout, activation)
 
 
+def format_losses(losses) -> str:
+    """Losses in scientific notation, for messages: ``[3.1e-09 2.0e-30 ...]``."""
+    return "[" + " ".join(f"{float(v):.1e}" for v in np.asarray(losses).ravel()) + "]"
+
+
 def _target_scale(y: torch.Tensor) -> float:
     """Variance of the targets (over samples, averaged over outputs): the unit of relative losses."""
     var = float(y.var(dim=0, unbiased=False).mean())
@@ -406,6 +411,6 @@ def train_students(students: StudentBatch, X: torch.Tensor, y: torch.Tensor, *,
             progress=progress, desc="levenberg-marquardt (all rows)")
         seconds["lm_all"] = time.perf_counter() - t0
     log.info("trained %d students: relative losses %s", len(rel),
-             np.array2string(rel.cpu().numpy(), precision=1))
+             format_losses(rel.cpu().numpy()))
     report = TrainingReport(rel.cpu().numpy(), iterations, seconds)
     return StudentBatch(theta, layout, activation), report
