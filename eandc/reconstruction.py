@@ -237,7 +237,8 @@ def _candidates(net: MLP, X: torch.Tensor, tol: float):
 
 
 def prune(net: MLP, X: torch.Tensor, y: torch.Tensor, *, tol: float = 1e-2,
-          max_trials: int | None = None, progress: bool = False) -> tuple[MLP, float, list[str]]:
+          max_trials: int | None = None, loss: float | None = None,
+          progress: bool = False) -> tuple[MLP, float, list[str]]:
     """Remove neurons that the function does not need; return (network, rel. loss, log lines).
 
     Candidates are silent or constant neurons (relative contribution below ``tol``),
@@ -248,9 +249,11 @@ def prune(net: MLP, X: torch.Tensor, y: torch.Tensor, *, tol: float = 1e-2,
     where the activation has one), the network fine-tuned, and the removal kept only if the
     relative loss stays at the floor: below ``max(1e-20, 10 * loss before)``. Removing a neuron
     that the function needs raises the loss by orders of magnitude, so the test is sharp, and
-    ``tol`` only decides which removals are worth trying.
+    ``tol`` only decides which removals are worth trying. ``loss``: the relative loss of ``net``
+    when it is already fine-tuned (otherwise it is fine-tuned first).
     """
-    net, loss = finetune(net, X, y, progress=progress)
+    if loss is None:
+        net, loss = finetune(net, X, y, progress=progress)
     notes = []
     trials = 0
     max_trials = max_trials if max_trials is not None else 2 * sum(net.widths)

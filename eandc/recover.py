@@ -250,7 +250,8 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
     clustered_widths = [c.width for c in clusterings]
     if prune_network:
         t0 = time.perf_counter()
-        network, final_loss, notes = prune(network, X, y, progress=options["progress"])
+        network, final_loss, notes = prune(network, X, y, loss=final_loss,
+                                           progress=options["progress"])
         timings["pruning"] = time.perf_counter() - t0
     final_loss = relative_loss(network, X, y)
     log.info("recovered widths %s (clusters %s), relative loss %.2e", network.widths,
