@@ -29,7 +29,7 @@ from .mlp import MLP, Layout, StudentBatch
 from .training import levenberg_marquardt, merge_neurons, pruned_neurons, zero_neuron
 
 __all__ = ["write_shared_layer", "assemble_network", "fit_linear_term", "align_output_bias",
-           "finetune", "prune", "relative_loss", "drop_pruned_neurons"]
+           "finetune", "prune", "drop_pruned_neurons"]
 
 log = logging.getLogger(__name__)
 
@@ -139,12 +139,6 @@ def assemble_network(students: StudentBatch, clustering: LayerClustering, losses
     biases[layer + 1] = b_out
     skip_first = None if skip is None else torch.zeros_like(skip[first])
     return MLP(weights, biases, students.activation, skip=skip_first, device=students.device)
-
-
-def relative_loss(net: MLP, X: torch.Tensor, y: torch.Tensor) -> float:
-    """Mean squared error over the variance of the targets."""
-    var = float(y.var(dim=0, unbiased=False).mean()) or 1.0
-    return float((net(X) - y).square().mean()) / var
 
 
 def align_output_bias(net: MLP, X: torch.Tensor, y: torch.Tensor) -> MLP:

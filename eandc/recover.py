@@ -36,7 +36,6 @@ from .reconstruction import (
     finetune,
     fit_linear_term,
     prune,
-    relative_loss,
     write_shared_layer,
 )
 from .teachers import check_inputs
@@ -253,7 +252,6 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
         network, final_loss, notes = prune(network, X, y, loss=final_loss,
                                            progress=options["progress"])
         timings["pruning"] = time.perf_counter() - t0
-    final_loss = relative_loss(network, X, y)
     log.info("recovered widths %s (clusters %s), relative loss %.2e", network.widths,
              clustered_widths, final_loss)
     return ExpandAndClusterResult(network, network.widths, clustered_widths, list(student_widths),
