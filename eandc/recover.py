@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .activations import get_activation
+from .checkpoint import active as active_checkpoint
 from .clustering import LayerClustering, cluster_layer, min_students
 from .mlp import MLP, Layout, StudentBatch
 from .reconstruction import (
@@ -156,7 +157,8 @@ def find_student_widths(X, y, activation, n_hidden_layers=1, *, n_students=10, s
 def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_widths=None,
                        n_students=10, gamma=0.5, beta=math.pi / 6, seed=0, device=None,
                        progress=True, prune_network=True, feature_mask=None,
-                       consensus_rounds=2, train_options=None) -> ExpandAndClusterResult:
+                       consensus_rounds=2, train_options=None,
+                       checkpoint=None) -> ExpandAndClusterResult:
     """Recover a black-box MLP's layer widths and weights from queries (see the module doc).
 
     ``query``: the teacher, any callable (an :class:`~eandc.MLP`, a ``torch.nn.Module``, a
@@ -168,7 +170,12 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
     keyword arguments for :func:`eandc.training.train_students`. ``consensus_rounds``: how many
     times at most to share the clustered neurons of a layer with every student, retrain, and
     cluster again, while that finds more clusters (0: the paper's single pass).
+    ``checkpoint``: an :class:`eandc.checkpoint.Checkpoint`; the run records its progress there
+    and, started again with the same arguments, resumes from it (bitwise the same result on CPU).
     """
+    if checkpoint is not None and active_checkpoint() is not checkpoint:
+        with checkpoint:  # the same call, with the checkpoint active (see eandc.checkpoint)
+            return expand_and_cluster(**locals())
     act, student_widths = _check_parameters(activation, n_hidden_layers, n_students, gamma, beta,
                                             student_widths)
     X = check_inputs(X)

@@ -30,8 +30,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import checkpoint
 from .activations import Activation
 from .mlp import Layout, StudentBatch, forward
+from .resources import check_training_memory
 
 __all__ = ["init_students", "train_students", "adam_phase", "levenberg_marquardt",
            "student_losses", "jacobian", "TrainingReport"]
@@ -269,19 +271,32 @@ class TrainingReport:
         return int((self.relative_losses <= tol).sum())
 
 
+@checkpoint.memoize("adam", lambda theta: ({"theta": theta}, {}),
+                    lambda saved, info, theta, *a, **k: saved["theta"].to(theta.device))
 def adam_phase(theta: torch.Tensor, layout: Layout, activation: Activation, X: torch.Tensor,
                y: torch.Tensor, steps: int, lr: float = 3e-3, progress: bool = False) -> torch.Tensor:
     """``steps`` full-batch Adam steps on the sum of the students' losses (each its own gradient)."""
     theta = theta.detach().clone().requires_grad_(True)
     optimizer = torch.optim.Adam([theta], lr=lr)
-    for _ in tqdm(range(steps), desc="adam", disable=not progress, leave=False):
+    start, saved = 0, checkpoint.loop()  # an interrupted earlier run's state, when resuming
+    if saved.state is not None:
+        with torch.no_grad():
+            theta.copy_(saved.state[0]["theta"])
+        checkpoint.load_adam_state(optimizer, theta, saved.state[0])
+        start = saved.state[1]["step"]
+    for step in tqdm(range(start, steps), desc="adam", disable=not progress, leave=False):
         optimizer.zero_grad(set_to_none=True)
         loss = (forward(theta, layout, activation, X) - y).square().mean(dim=(1, 2)).sum()
         loss.backward()
         optimizer.step()
+        if saved.due():
+            saved.save(dict(checkpoint.adam_state(optimizer, theta), theta=theta), {"step": step + 1})
     return theta.detach()
 
 
+@checkpoint.memoize("lm", lambda out: ({"theta": out[0], "rel": out[1]}, {"it": out[2]}),
+                    lambda saved, info, theta, *a, **k: (saved["theta"].to(theta.device),
+                                                         saved["rel"].to(theta.device), info["it"]))
 def levenberg_marquardt(theta: torch.Tensor, layout: Layout, activation: Activation,
                         X: torch.Tensor, y: torch.Tensor, *, max_iter: int = 500,
                         loss_floor: float = LOSS_FLOOR, patience: int = 40,
@@ -304,9 +319,15 @@ def levenberg_marquardt(theta: torch.Tensor, layout: Layout, activation: Activat
     active = torch.arange(n_students, device=theta.device)
     eye = torch.eye(n_params, dtype=theta.dtype, device=theta.device)
     frozen = frozen_parameters(theta, layout)
-    bar = tqdm(total=max_iter, desc=desc, disable=not progress, leave=False)
-    it = 0
-    for it in range(1, max_iter + 1):
+    done_iter, saved = 0, checkpoint.loop()  # an interrupted earlier run's state, when resuming
+    if saved.state is not None:
+        state, done_iter = saved.state[0], saved.state[1]["it"]
+        theta, lam, nu, best, sse, active, frozen = (state[k].to(theta.device) for k in (
+            "theta", "lam", "nu", "best", "sse", "active", "frozen"))
+        best_at = state["best_at"]
+    bar = tqdm(total=max_iter, initial=done_iter, desc=desc, disable=not progress, leave=False)
+    it = done_iter
+    for it in range(done_iter + 1, max_iter + 1):
         gram, grad, sse_now = _gauss_newton(theta[active], layout, activation, X, y)
         fz = frozen[active]
         if fz.any():  # pruned neurons: no step, and an identity block in the system
@@ -349,11 +370,21 @@ def levenberg_marquardt(theta: torch.Tensor, layout: Layout, activation: Activat
         bar.set_postfix(active=len(active), best=f"{float(best.min()):.1e}")
         if len(active) == 0:
             break
+        if saved.due():
+            saved.save(dict(theta=theta, lam=lam, nu=nu, best=best, best_at=best_at, sse=sse,
+                            active=active, frozen=frozen), {"it": it})
     bar.close()
     rel = student_losses(theta, layout, activation, X, y) / _target_scale(y)
     return theta, rel, it
 
 
+@checkpoint.memoize(
+    "train_students",
+    lambda out: ({"theta": out[0].theta, "rel": out[1].relative_losses},
+                 {"iterations": out[1].iterations, "seconds": out[1].seconds}),
+    lambda saved, info, students, *a, **k: (
+        StudentBatch(saved["theta"].to(students.device), students.layout, students.activation),
+        TrainingReport(saved["rel"].numpy(), info["iterations"], info["seconds"])))
 def train_students(students: StudentBatch, X: torch.Tensor, y: torch.Tensor, *,
                    adam_steps: int = 300, adam_lr: float = 3e-3, subset_rows: int | None = None,
                    max_iter: int = 400, polish_iter: int = 100, compaction_rounds: int = 3,
@@ -368,6 +399,7 @@ def train_students(students: StudentBatch, X: torch.Tensor, y: torch.Tensor, *,
     n = X.shape[0]
     if subset_rows is None:
         subset_rows = max(1000, 10 * layout.size)
+    check_training_memory(layout, students.n_students, n, min(n, subset_rows), X.device)
     seconds, iterations = {}, {}
     theta = students.theta
     if subset_rows < n:
