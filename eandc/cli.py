@@ -39,7 +39,6 @@ from .runs import (
     array_hash,
     check_writable,
     config_hash,
-    find_run,
     load_run,
     plain,
     save_run,
@@ -345,7 +344,12 @@ def recover_command(args) -> int:
     key = config_hash(config)
     folder = out / "recover" / key
     say = (lambda *a: None) if args.quiet else print
-    record = None if args.force else find_run(folder)
+    record = None
+    if not args.force:
+        try:
+            record = load_run(folder)
+        except CorruptFileError as error:  # reported, and recomputed below; never used
+            print(f"eandc: damaged result, recomputing it: {error}", file=sys.stderr)
     if record is not None:
         say(f"already computed: {folder} (recovered widths {record.metrics['widths']}, "
             f"relative loss {record.metrics['final_loss']:.1e})")
@@ -506,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    level = logging.INFO if args.verbose else logging.WARNING
+    level = logging.INFO if getattr(args, "verbose", False) else logging.WARNING
     logging.basicConfig(level=level, format="eandc: %(name)s: %(message)s", stream=sys.stderr)
     try:
         return args.func(args)
