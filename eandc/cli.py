@@ -1,4 +1,4 @@
-"""The ``eandc`` command line: recover, compare, demo, sweep.
+"""The ``eandc`` command line: recover, compare, demo, sweep, book.
 
     eandc recover --teacher teacher.npz                  # a saved eandc.MLP
     eandc recover --teacher mymodule:predict --d-in 2 --activation tanh
@@ -6,6 +6,7 @@
     eandc compare teacher.npz results/recover/<hash>
     eandc demo
     eandc sweep configs.json --workers 2                 # or --scheduler tcp://HOST:PORT
+    eandc book --profile smoke                           # execute the notebooks, build the book
 
 Every command takes ``--seed``, ``--device``, ``--quiet`` and ``--verbose``. Exit code 0 on
 success; 1 when ``demo`` (or ``compare --require-exact``) finds the recovery not exact; 2 with
@@ -28,6 +29,7 @@ import torch
 
 from . import __version__
 from .activations import ACTIVATIONS
+from .book import add_command as add_book_command
 from .checkpoint import Checkpoint
 from .compare import compare
 from .mlp import FORMAT as MLP_FORMAT
@@ -505,6 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare(commands, common)
     _add_demo(commands, common)
     _add_sweep(commands, common)
+    add_book_command(commands)  # eandc/book.py
     return parser
 
 
