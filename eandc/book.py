@@ -115,7 +115,7 @@ def ensure_kernel() -> str:
 
     try:
         spec = KernelSpecManager().get_kernel_spec(KERNEL)
-        if spec.argv and Path(spec.argv[0]).resolve() == Path(sys.executable).resolve():
+        if spec.argv and os.path.abspath(spec.argv[0]) == os.path.abspath(sys.executable):
             return KERNEL
     except NoSuchKernel:
         pass
