@@ -111,18 +111,23 @@ def load_profile(profile: str, root=".") -> list[Run]:
 def ensure_kernel() -> str:
     """Register this environment's Python as the Jupyter kernel ``eandc`` (in ``sys.prefix``)
     unless it already is; returns the kernel name."""
+    from ipykernel.kernelspec import install
     from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
-    try:
-        spec = KernelSpecManager().get_kernel_spec(KERNEL)
-        if spec.argv and os.path.abspath(spec.argv[0]) == os.path.abspath(sys.executable):
-            return KERNEL
-    except NoSuchKernel:
-        pass
-    from ipykernel.kernelspec import install
+    def ours() -> bool:
+        try:
+            spec = KernelSpecManager().get_kernel_spec(KERNEL)
+        except NoSuchKernel:
+            return False
+        return bool(spec.argv) and os.path.abspath(spec.argv[0]) == os.path.abspath(sys.executable)
 
-    install(kernel_name=KERNEL, display_name="Python 3 (eandc)", prefix=sys.prefix)
-    log.info("registered the Jupyter kernel %r for %s", KERNEL, sys.executable)
+    if not ours():
+        install(kernel_name=KERNEL, display_name="Python 3 (eandc)", prefix=sys.prefix)
+        log.info("registered the Jupyter kernel %r for %s", KERNEL, sys.executable)
+        if not ours():
+            where = KernelSpecManager().find_kernel_specs().get(KERNEL)
+            raise BookError(f"the Jupyter kernel {KERNEL!r} in {where} runs another Python and "
+                            f"shadows this environment's; remove it (jupyter kernelspec remove {KERNEL})")
     return KERNEL
 
 

@@ -102,6 +102,21 @@ def test_a_profile_that_misses_a_template_is_refused(tmp_path):
         book.load_profile("nope", tmp_path)
 
 
+def test_the_kernel_is_this_environment(tmp_path):
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    assert book.ensure_kernel() == book.KERNEL
+    argv = KernelSpecManager().get_kernel_spec(book.KERNEL).argv
+    assert os.path.abspath(argv[0]) == os.path.abspath(sys.executable)
+
+
+def test_eandc_book_outside_a_book_fails_with_a_reason(tmp_path, capsys):
+    from eandc.cli import main
+
+    assert main(["book", "--profile", "smoke", "--root", str(tmp_path)]) == 1
+    assert "has no _config.yml" in capsys.readouterr().err
+
+
 def test_fingerprint_changes_with_parameters_and_template(tmp_path):
     (tmp_path / "notebooks").mkdir()
     shutil.copy(TEMPLATES[0], tmp_path / "notebooks" / "t.ipynb")
