@@ -370,7 +370,7 @@ def levenberg_marquardt(theta: torch.Tensor, layout: Layout, activation: Activat
         bar.set_postfix(active=len(active), best=f"{float(best.min()):.1e}")
         if len(active) == 0:
             break
-        if saved.due():
+        if saved.due():  # every variable the loop carries over must be in this state
             saved.save(dict(theta=theta, lam=lam, nu=nu, best=best, best_at=best_at, sse=sse,
                             active=active, frozen=frozen), {"it": it})
     bar.close()
