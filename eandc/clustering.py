@@ -250,11 +250,17 @@ def _labels_after(Z: np.ndarray, n: int, last_merge: int) -> np.ndarray:
 STABLE_FACTOR = 2.0
 
 
-def choose_cut(Z: np.ndarray, counts: np.ndarray, stable_factor: float = STABLE_FACTOR) -> int:
+def choose_cut(Z: np.ndarray, counts: np.ndarray, stable_factor: float = STABLE_FACTOR,
+               keepable=None) -> int:
     """Index of the merge after which to cut: the end of the first plateau of the largest count
     among the *stable* plateaus, those over which the cut height can at least double
     (``stable_factor``) without the count changing; heights below 1e-10 of the largest count
-    as zero. Falls back to the largest count overall when no plateau is stable."""
+    as zero. Falls back to the largest count overall when no plateau is stable.
+
+    ``keepable(k)``, when given, is the number of clusters after merge ``k`` that the angle test
+    would keep too; plateaus are then ranked by it (the size count bounds it from above), so that
+    a cut whose big clusters are all too wide does not win over one with fewer, tight clusters.
+    """
     if len(counts) == 0:
         return 0
     floor = 1e-10 * max(float(Z[:, 2].max()), 1e-300)  # smaller heights are rounding noise
@@ -266,8 +272,17 @@ def choose_cut(Z: np.ndarray, counts: np.ndarray, stable_factor: float = STABLE_
             plateaus.append((int(counts[start]), start, k - 1, lifetime))
             start = k
     stable = [p for p in plateaus if p[3] >= stable_factor and p[0] > 0] or plateaus
-    best = max(p[0] for p in stable)
-    return next(p[2] for p in stable if p[0] == best)
+    if keepable is None:
+        best = max(p[0] for p in stable)
+        return next(p[2] for p in stable if p[0] == best)
+    best, best_end = -1, stable[0][2]
+    for count, _, end, _ in sorted(stable, key=lambda p: (-p[0], p[1])):
+        if count <= best:
+            break
+        score = keepable(end)
+        if score > best:
+            best, best_end = score, end
+    return best_end
 
 
 def cluster_layer(students: StudentBatch, layer: int, gamma: float = 0.5,
@@ -306,27 +321,32 @@ def cluster_layer(students: StudentBatch, layer: int, gamma: float = 0.5,
     dist = pairwise_distances(compared, signed)
     Z = linkage(dist, method="average")
     counts = _count_big_clusters(Z, student, needed)
-    last = choose_cut(Z, counts)
-    labels = _labels_after(Z, len(feats), last) if len(counts) else np.zeros(len(feats), dtype=int)
     rank = np.argsort(np.argsort(student_losses)) if student_losses is not None else np.arange(n_students)
-    sign = np.ones(len(feats))
+
+    def clusters_after(last):
+        labels = _labels_after(Z, len(feats), last) if len(counts) else np.zeros(len(feats), dtype=int)
+        sign = np.ones(len(feats))
+        clusters = []
+        for label in range(labels.max() + 1):
+            members = np.flatnonzero(labels == label)
+            n_in = len(np.unique(student[members]))
+            angle = median_angle(compared[members], signed)
+            core = members[core_members(compared[members], signed, beta)]
+            if signed:
+                reference = core[np.argmin(rank[student[core]])]
+                sign[members] = np.where(compared[members] @ compared[reference] < 0, -1.0, 1.0)
+            if n_in < needed:
+                kept, reason = False, f"{n_in} students < {needed}"
+            elif math.cos(angle) < cos_limit - 1e-12:
+                kept, reason = False, f"median angle {math.degrees(angle):.1f} deg > beta"
+            else:
+                kept, reason = True, "kept"
+            clusters.append(Cluster(members, n_in, angle, kept, reason, core))
+        return labels, sign, clusters
+
     cos_limit = math.cos(beta)
-    clusters = []
-    for label in range(labels.max() + 1):
-        members = np.flatnonzero(labels == label)
-        n_in = len(np.unique(student[members]))
-        angle = median_angle(compared[members], signed)
-        core = members[core_members(compared[members], signed, beta)]
-        if signed:
-            reference = core[np.argmin(rank[student[core]])]
-            sign[members] = np.where(compared[members] @ compared[reference] < 0, -1.0, 1.0)
-        if n_in < needed:
-            kept, reason = False, f"{n_in} students < {needed}"
-        elif math.cos(angle) < cos_limit - 1e-12:
-            kept, reason = False, f"median angle {math.degrees(angle):.1f} deg > beta"
-        else:
-            kept, reason = True, "kept"
-        clusters.append(Cluster(members, n_in, angle, kept, reason, core))
+    last = choose_cut(Z, counts, keepable=lambda k: sum(c.kept for c in clusters_after(k)[2]))
+    labels, sign, clusters = clusters_after(last)
     result = LayerClustering(layer, feats, student, neuron, scale, sign, dist, Z, last,
                              float(Z[last, 2]) if len(Z) else 0.0, counts, labels, clusters,
                              needed, beta)

@@ -2,14 +2,23 @@
 
 Random-teacher recipe (:func:`random_teacher`), fixed so that results can be re-run:
 
-* every weight and bias i.i.d. ``N(0, 1)``, as in the random teachers of the authors' lab
-  (MLPGradientFlow.jl: ``W1 ~ N(0, 1)`` of size ``k x (d_in + 1)``, ``W2 ~ N(0, 1)``);
+* first hidden layer and output layer: every weight and bias i.i.d. ``N(0, 1)``, as in the
+  random teachers of the authors' lab (MLPGradientFlow.jl: ``W1 ~ N(0, 1)`` of size
+  ``k x (d_in + 1)``, ``W2 ~ N(0, 1)``); a shallow teacher is exactly that;
+* deeper hidden layers see their input the way the first layer sees standard Gaussian queries:
+  weights and biases ``V, c ~ N(0, 1)`` act on the previous layer's activity *standardised*
+  (mean 0, variance 1 per neuron, measured on ``REFERENCE_INPUTS`` standard Gaussian inputs of
+  a fixed generator), i.e. ``W = V / std`` and ``b = c - W @ mean``;
 * no linear term; the draws use ``numpy.random.default_rng(seed)`` layer by layer, weights
   before biases.
 
-(Scaling deeper weights by ``1 / sqrt(fan_in)`` instead makes their pre-activations small next to
-their biases, since hidden activities vary less than unit-variance inputs: such neurons work in
-a nearly linear regime and the queries barely determine them.)
+Why standardise: hidden activities are far from unit-variance, zero-mean inputs (``g`` is
+positive, with means of order 1). With raw ``N(0, 1)`` weights, a deeper neuron's
+pre-activation has an offset of several units next to a spread of about one, so it works in
+g's exponential tail (where bias and outgoing weight trade off) or its nearly linear range;
+with ``N(0, 1 / fan_in)`` weights, offsets dominate even more. Either way the queries barely
+determine such neurons, and no method can identify them. Standardising puts every hidden
+neuron in the same, strongly nonlinear regime as a first-layer neuron.
 
 The teacher is any callable: an :class:`~eandc.MLP`, a ``torch.nn.Module``, or a plain function
 of numpy arrays or of tensors. :func:`query` calls it in chunks and returns float64 outputs of
@@ -27,9 +36,11 @@ import torch
 from .activations import get_activation
 from .mlp import MLP
 
-__all__ = ["random_teacher", "gaussian_inputs", "uniform_inputs", "query", "check_inputs"]
+__all__ = ["random_teacher", "REFERENCE_INPUTS", "gaussian_inputs", "uniform_inputs", "query", "check_inputs"]
 
 log = logging.getLogger(__name__)
+
+REFERENCE_INPUTS = 10_000  # standard Gaussian inputs on which deeper layers are standardised
 
 
 def random_teacher(d_in: int, widths, d_out: int = 1, activation: str = "g", seed: int = 0) -> MLP:
@@ -39,12 +50,23 @@ def random_teacher(d_in: int, widths, d_out: int = 1, activation: str = "g", see
     sizes = [d_in, *widths, d_out]
     if any(not isinstance(s, (int, np.integer)) or s < 1 for s in sizes):
         raise ValueError(f"layer sizes must be positive integers, got {sizes}")
-    get_activation(activation)
+    act = get_activation(activation)
     rng = np.random.default_rng(seed)
+    reference = np.random.default_rng(0).normal(size=(REFERENCE_INPUTS, d_in))
     weights, biases = [], []
-    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
-        weights.append(rng.normal(0.0, 1.0, size=(fan_out, fan_in)))
-        biases.append(rng.normal(0.0, 1.0, size=fan_out))
+    for l, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        w, b = rng.normal(0.0, 1.0, size=(fan_out, fan_in)), rng.normal(0.0, 1.0, size=fan_out)
+        if 0 < l < len(widths):
+            mean, std = reference.mean(0), reference.std(0)
+            if (std == 0).any():
+                raise ValueError(f"hidden layer {l} of this teacher has a constant neuron on "
+                                 "Gaussian inputs; draw another seed")
+            w = w / std
+            b = b - w @ mean
+        weights.append(w)
+        biases.append(b)
+        if l < len(widths):
+            reference = act(torch.from_numpy(reference @ w.T + b)).numpy()
     return MLP(weights, biases, activation)
 
 

@@ -16,6 +16,21 @@ def test_random_teacher_recipe_is_reproducible_and_documented():
     np.testing.assert_array_equal(a.weights[0].numpy(), rng.normal(0, 1, size=(4, 2)))
 
 
+def test_deeper_layers_act_on_standardised_activity():
+    from eandc.teachers import REFERENCE_INPUTS
+
+    teacher = random_teacher(2, [4, 3], activation="g", seed=5)
+    rng = np.random.default_rng(5)
+    w1, b1 = rng.normal(size=(4, 2)), rng.normal(size=4)
+    v, c = rng.normal(size=(3, 4)), rng.normal(size=3)
+    np.testing.assert_array_equal(teacher.weights[0].numpy(), w1)
+    reference = np.random.default_rng(0).normal(size=(REFERENCE_INPUTS, 2))
+    h = teacher.activation(torch.from_numpy(reference @ w1.T + b1)).numpy()
+    z = h @ teacher.weights[1].numpy().T + teacher.biases[1].numpy()
+    np.testing.assert_allclose(z, ((h - h.mean(0)) / h.std(0)) @ v.T + c, atol=1e-12)
+    np.testing.assert_allclose(z.mean(0), c, atol=1e-12)  # offsets N(0, 1), as in layer 1
+
+
 def test_input_generators():
     X = gaussian_inputs(20_000, 3, seed=1)
     assert X.shape == (20_000, 3) and X.dtype == np.float64
