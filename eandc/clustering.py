@@ -15,7 +15,8 @@ The activation's symmetries are folded:
 
 Then: average-linkage dendrogram; cut it where the number of clusters holding neurons of at
 least ``ceil(gamma N)`` *distinct students* is largest (the end of the first plateau of that
-count, as in the authors' code), considering only *stable* counts (:func:`choose_cut`); drop
+count, as in the authors' code), considering only *stable* counts and ranking them by the
+clusters that would also pass the angle test (:func:`choose_cut`); drop
 smaller clusters; drop clusters whose median pairwise angle exceeds ``beta``. Each kept cluster
 is one neuron of the recovered layer. Its *core*, the members within ``beta`` of its medoid, is
 what reconstruction reads: average linkage can attach a stray neuron to a tight cluster without

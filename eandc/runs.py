@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .mlp import MLP
-from .storage import CorruptFileError, atomic_write_bytes
+from .storage import CorruptFileError, array_digest, atomic_write_bytes
 
 __all__ = ["config_hash", "array_hash", "run_folder", "RunRecord", "save_run", "load_run",
            "find_run", "machine", "check_writable", "plain"]
@@ -64,8 +64,7 @@ def array_hash(array) -> str:
     """SHA-256 of an array's dtype, shape and bytes (to put data into a configuration)."""
     if isinstance(array, torch.Tensor):
         array = array.detach().cpu().numpy()
-    array = np.ascontiguousarray(array)
-    return hashlib.sha256(f"{array.dtype.str}{array.shape}".encode() + array.tobytes()).hexdigest()
+    return array_digest(array)
 
 
 def run_folder(root: str | os.PathLike, kind: str, config: dict) -> Path:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["atomic_write_bytes", "save_arrays", "load_arrays", "CorruptFileError"]
+__all__ = ["atomic_write_bytes", "array_digest", "save_arrays", "load_arrays", "CorruptFileError"]
 
 _META_KEY = "__meta__"
 
@@ -45,7 +45,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
-def _digest(array: np.ndarray) -> str:
+def array_digest(array: np.ndarray) -> str:
+    """SHA-256 of an array's dtype, shape and bytes."""
     array = np.ascontiguousarray(array)
     header = f"{array.dtype.str}{array.shape}".encode()
     return hashlib.sha256(header + array.tobytes()).hexdigest()
@@ -57,7 +58,7 @@ def save_arrays(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: di
     for name, value in arrays.items():
         if value.dtype == object:
             raise TypeError(f"array {name!r} has dtype object; only plain numeric arrays are stored")
-    record = dict(meta, checksums={name: _digest(value) for name, value in arrays.items()})
+    record = dict(meta, checksums={name: array_digest(value) for name, value in arrays.items()})
     buffer = io.BytesIO()
     payload = dict(arrays)
     payload[_META_KEY] = np.frombuffer(json.dumps(record, sort_keys=True).encode(), dtype=np.uint8)
@@ -85,6 +86,6 @@ def load_arrays(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
     if not isinstance(checksums, dict) or set(checksums) != set(contents):
         raise CorruptFileError(f"{path}: the recorded checksums do not list the stored arrays")
     for name, value in contents.items():
-        if _digest(value) != checksums[name]:
+        if array_digest(value) != checksums[name]:
             raise CorruptFileError(f"{path}: array {name!r} does not match its checksum")
     return contents, meta
