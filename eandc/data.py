@@ -1,0 +1,346 @@
+"""MNIST for black-box experiments: the official IDX files, checked and downloaded.
+
+:func:`mnist` returns one split of MNIST (LeCun, Cortes & Burges) as an :class:`MnistSplit`:
+``images`` float64 of shape ``(n, 784)`` scaled to ``[0, 1]`` (pixel / 255, rows of the 28 x 28
+image one after the other) and ``labels`` int64 of shape ``(n,)``. It reads the four official
+gzip files (:data:`MNIST_FILES`) from one folder, chosen by :func:`mnist_folder`:
+
+1. the ``data_dir`` argument, else
+2. the folder named by the environment variable ``EANDC_DATA`` (the folder holding the files), else
+3. a per-user cache: ``$XDG_CACHE_HOME/eandc/mnist``, or ``~/.cache/eandc/mnist``.
+
+Every file's SHA-256 is checked against :data:`MNIST_SHA256` before it is parsed; a mismatch
+raises :class:`ChecksumError`. A missing file is downloaded from the first of :data:`MIRRORS`
+that serves it: streamed to a temporary file in the same folder, checked, then renamed, so the
+folder never holds a partial or unverified file. When no mirror can be reached,
+:class:`MnistNotFoundError` says which files are missing where and how to provide them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.client
+import logging
+import os
+import struct
+import tempfile
+import urllib.request
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .storage import CorruptFileError
+
+__all__ = [
+    "MIRRORS", "MNIST_FILES", "MNIST_SHA256", "ChecksumError", "IdxFormatError",
+    "DownloadError", "MnistNotFoundError", "MnistSplit", "mnist", "mnist_folder", "read_idx",
+    "download_file", "sha256_of",
+]
+
+log = logging.getLogger(__name__)
+
+ENV_VAR = "EANDC_DATA"
+
+# Mirrors serving the four official files under their official names (tried in this order).
+MIRRORS = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+)
+
+MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+
+MNIST_SIZES = {"train": 60_000, "test": 10_000}
+
+# SHA-256 of the gzip files as published in torchvision's MNIST dataset definition,
+# pytorch/vision, torchvision/prototype/datasets/_builtin/mnist.py (MNIST._CHECKSUMS), commit
+# 1ec2509e8715d5373b194b688ee0cc75262baec9. The two test sums equal the SHA256SUMS shipped with
+# the offline copy of the test split, whose files also match torchvision's MD5s
+# (torchvision/datasets/mnist.py): 9fb629c4189551a2d022fa330f9573f3, ec29112dd5afa0611ce80d1b7f02629c.
+MNIST_SHA256 = {
+    "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+    "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+    "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+    "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+}
+
+# IDX type codes (third byte of the magic number) and the big-endian numpy dtypes they stand for
+IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+_CHUNK = 1 << 20  # bytes read at a time while downloading or hashing
+
+
+class ChecksumError(CorruptFileError):
+    """A file's SHA-256 differs from the published one."""
+
+    def __init__(self, path, expected: str, actual: str, detail: str = ""):
+        self.path, self.expected, self.actual = Path(path), expected, actual
+        super().__init__(f"{path}: SHA-256 {actual} does not match the expected {expected}{detail}")
+
+
+class IdxFormatError(CorruptFileError):
+    """A file is not a well-formed IDX file (or not the one expected)."""
+
+
+class DownloadError(OSError):
+    """No mirror delivered a file."""
+
+
+class MnistNotFoundError(FileNotFoundError):
+    """MNIST files are missing and could not be downloaded."""
+
+
+@dataclass(frozen=True)
+class MnistSplit:
+    """One MNIST split: ``images`` float64 ``(n, 784)`` in ``[0, 1]``, ``labels`` int64 ``(n,)``.
+
+    Unpacks as a pair: ``images, labels = mnist("test")``.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    split: str
+    folder: Path
+
+    def __iter__(self):
+        return iter((self.images, self.labels))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+# --- where the files are -----------------------------------------------------------------------
+
+def default_cache_folder() -> Path:
+    """``$XDG_CACHE_HOME/eandc/mnist`` (when set to an absolute path), else ``~/.cache/eandc/mnist``."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
+    return base / "eandc" / "mnist"
+
+
+def _resolve_folder(data_dir) -> tuple[Path, str]:
+    """The folder to read MNIST from and a phrase saying how it was chosen."""
+    if data_dir is not None:
+        return Path(data_dir).expanduser(), "given as data_dir="
+    env = os.environ.get(ENV_VAR, "")
+    if env:
+        return Path(env).expanduser(), f"named by ${ENV_VAR}"
+    return default_cache_folder(), "the per-user cache"
+
+
+def mnist_folder(data_dir: str | os.PathLike | None = None) -> Path:
+    """The folder :func:`mnist` reads: ``data_dir``, else ``$EANDC_DATA``, else the user cache."""
+    return _resolve_folder(data_dir)[0]
+
+
+# --- checksums and IDX parsing -----------------------------------------------------------------
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _verified_bytes(path: Path, expected: str) -> bytes:
+    raw = path.read_bytes()
+    actual = hashlib.sha256(raw).hexdigest()
+    if actual != expected.lower():
+        raise ChecksumError(path, expected.lower(), actual,
+                            "; the file is damaged or not the official one: delete it to download it again")
+    return raw
+
+
+def _decompressed(raw: bytes, path) -> bytes:
+    if raw[:2] != b"\x1f\x8b":  # not gzip: a plain IDX file
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as error:
+        raise IdxFormatError(f"{path} is not a readable gzip file ({error})") from error
+
+
+def parse_idx(data: bytes, name: str = "IDX data") -> np.ndarray:
+    """Parse uncompressed IDX bytes into an array of native byte order (checks header and size)."""
+    if len(data) < 4:
+        raise IdxFormatError(f"{name}: {len(data)} bytes, too short for an IDX header")
+    zero, code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0:
+        raise IdxFormatError(f"{name}: bad magic number 0x{data[:4].hex()} (an IDX file starts with "
+                             "two zero bytes, a type code and the number of dimensions)")
+    if code not in IDX_DTYPES:
+        raise IdxFormatError(f"{name}: unknown IDX type code 0x{code:02x} (known: "
+                             f"{', '.join(f'0x{c:02x}' for c in IDX_DTYPES)})")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise IdxFormatError(f"{name}: truncated header ({len(data)} bytes, {ndim} dimensions need {header})")
+    shape = struct.unpack(f">{ndim}I", data[4:header])
+    dtype = np.dtype(IDX_DTYPES[code])
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(data) - header != expected:
+        raise IdxFormatError(f"{name}: holds {len(data) - header} bytes of values, but its header "
+                             f"announces shape {shape} of {dtype.name} ({expected} bytes); "
+                             f"the file is {'truncated' if len(data) - header < expected else 'too long'}")
+    array = np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
+    return array.astype(dtype.newbyteorder("="))
+
+
+def read_idx(path: str | os.PathLike, sha256: str | None = None) -> np.ndarray:
+    """Read an IDX file (gzip-compressed or not) into a numpy array.
+
+    Checks the magic number, type code, dimensions and that the number of bytes matches them;
+    with ``sha256``, first checks the file's checksum (:class:`ChecksumError`). A malformed file
+    raises :class:`IdxFormatError`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    raw = _verified_bytes(path, sha256) if sha256 is not None else path.read_bytes()
+    return parse_idx(_decompressed(raw, path), str(path))
+
+
+# --- downloading -------------------------------------------------------------------------------
+
+def _fetch_to(url: str, handle, timeout: float, progress: bool, desc: str) -> str:
+    """Stream ``url`` into the open binary ``handle``; return the SHA-256 of what was written."""
+    digest = hashlib.sha256()
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        length = response.headers.get("Content-Length")
+        total = int(length) if length and length.isdigit() else None
+        received = 0
+        with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress,
+                  leave=False) as bar:
+            while chunk := response.read(_CHUNK):
+                handle.write(chunk)
+                digest.update(chunk)
+                received += len(chunk)
+                bar.update(len(chunk))
+        if total is not None and received != total:
+            raise DownloadError(f"{url}: connection closed after {received} of {total} bytes")
+    handle.flush()
+    os.fsync(handle.fileno())
+    return digest.hexdigest()
+
+
+def download_file(name: str, folder: str | os.PathLike, sha256: str, mirrors=MIRRORS,
+                  timeout: float = 60.0, progress: bool = True) -> Path:
+    """Download ``name`` into ``folder`` from the first mirror that serves it with this SHA-256.
+
+    Each mirror is a base URL; the file is fetched from ``mirror + name``. The bytes go to a
+    temporary file in ``folder``, which is renamed to ``name`` only once its checksum matches;
+    on a network error or a wrong checksum it is deleted and the next mirror is tried. When every
+    mirror fails, raises :class:`ChecksumError` if one of them served wrong bytes, else
+    :class:`DownloadError`; either way ``folder`` is left as it was. Returns the path.
+    """
+    folder = Path(folder)
+    target = folder / name
+    expected = sha256.lower()
+    if not mirrors:
+        raise DownloadError(f"cannot download {name}: no mirrors given")
+    failures, bad_sum = [], None
+    for mirror in mirrors:
+        url = mirror if mirror.endswith("/") else mirror + "/"
+        url += name
+        log.info("downloading %s from %s", name, url)
+        try:
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".part")
+        except OSError as error:
+            raise DownloadError(f"cannot download {name}: cannot write in {folder} ({error})") from error
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                actual = _fetch_to(url, handle, timeout, progress, name)
+            if actual != expected:
+                bad_sum = bad_sum or (url, actual)
+                failures.append(f"{url}: SHA-256 {actual}, expected {expected}")
+                log.warning("%s: wrong SHA-256 %s (expected %s); trying the next mirror",
+                            url, actual, expected)
+                continue
+            os.replace(tmp, target)
+            log.info("saved %s (SHA-256 verified)", target)
+            return target
+        except (OSError, http.client.HTTPException, ValueError) as error:  # URLError is an OSError
+            failures.append(f"{url}: {error}")
+            log.warning("could not download %s: %s", url, error)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    listing = "".join(f"\n  {line}" for line in failures)
+    if bad_sum is not None:
+        raise ChecksumError(bad_sum[0], expected, bad_sum[1],
+                            f"; nothing was saved in {folder}. Mirrors tried:{listing}")
+    raise DownloadError(f"could not download {name} from any mirror:{listing}")
+
+
+# --- MNIST -------------------------------------------------------------------------------------
+
+def _missing_message(split, folder, how, missing, mirrors, reason) -> str:
+    names = ", ".join(missing)
+    sources = ", ".join(mirrors) if mirrors else "(no mirrors given)"
+    return (f"MNIST {split} split: {names} not found in {folder} ({how}). {reason}\n"
+            f"Either put the official files there, or point eandc at a folder that holds them "
+            f"with mnist(..., data_dir=FOLDER) or the environment variable {ENV_VAR}=FOLDER. "
+            f"The files can be downloaded from {sources} "
+            f"(SHA-256 sums: eandc.data.MNIST_SHA256).")
+
+
+def _ensure_files(split, folder, how, download, mirrors, timeout, progress) -> None:
+    missing = [name for name in MNIST_FILES[split] if not (folder / name).is_file()]
+    if not missing:
+        return
+    if not download:
+        raise MnistNotFoundError(_missing_message(split, folder, how, missing, mirrors,
+                                                  "Downloading was switched off (download=False)."))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in missing:
+            download_file(name, folder, MNIST_SHA256[name], mirrors, timeout, progress)
+    except OSError as error:  # DownloadError, or the folder cannot be created
+        still = [name for name in missing if not (folder / name).is_file()]
+        raise MnistNotFoundError(_missing_message(split, folder, how, still, mirrors,
+                                                  f"Downloading failed: {error}")) from error
+
+
+def _check_mnist_arrays(images, labels, split, folder) -> None:
+    n = MNIST_SIZES[split]
+    if images.dtype != np.uint8 or images.shape != (n, 28, 28):
+        raise IdxFormatError(f"MNIST {split} images in {folder}: expected uint8 of shape ({n}, 28, 28), "
+                             f"got {images.dtype} of shape {images.shape}")
+    if labels.dtype != np.uint8 or labels.shape != (n,):
+        raise IdxFormatError(f"MNIST {split} labels in {folder}: expected uint8 of shape ({n},), "
+                             f"got {labels.dtype} of shape {labels.shape}")
+    if labels.max() > 9:
+        raise IdxFormatError(f"MNIST {split} labels in {folder}: a label is {labels.max()}, not a digit")
+
+
+def mnist(split: str, data_dir: str | os.PathLike | None = None, *, download: bool = True,
+          mirrors=MIRRORS, timeout: float = 60.0, progress: bool = True) -> MnistSplit:
+    """One MNIST split (``"train"``: 60,000 images, ``"test"``: 10,000) as an :class:`MnistSplit`.
+
+    Reads the official IDX gzip files from ``data_dir``, else from ``$EANDC_DATA``, else from the
+    per-user cache (:func:`mnist_folder`). Missing files are downloaded there from ``mirrors``
+    (unless ``download=False``); every file's SHA-256 is checked against :data:`MNIST_SHA256`
+    before use. ``images`` are float64 ``(n, 784)`` in ``[0, 1]`` (pixel / 255), ``labels``
+    int64 ``(n,)``.
+
+    Raises :class:`ChecksumError` for a file with another checksum, :class:`IdxFormatError` for a
+    malformed one, :class:`MnistNotFoundError` when files are missing and cannot be downloaded.
+    """
+    if split not in MNIST_FILES:
+        raise ValueError(f"split must be one of {sorted(MNIST_FILES)}, got {split!r}")
+    folder, how = _resolve_folder(data_dir)
+    mirrors = MIRRORS if mirrors is None else tuple(mirrors)
+    _ensure_files(split, folder, how, download, mirrors, timeout, progress)
+    image_file, label_file = MNIST_FILES[split]
+    images = read_idx(folder / image_file, MNIST_SHA256[image_file])
+    labels = read_idx(folder / label_file, MNIST_SHA256[label_file])
+    _check_mnist_arrays(images, labels, split, folder)
+    log.info("loaded MNIST %s split from %s: %d images", split, folder, len(labels))
+    return MnistSplit(images.reshape(len(images), -1) / 255.0, labels.astype(np.int64), split, folder)

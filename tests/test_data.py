@@ -1,0 +1,277 @@
+"""MNIST files: checksums, IDX parsing, downloads from a local server."""
+
+import gzip
+import hashlib
+import http.server
+import socket
+import struct
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from eandc import data
+from eandc.storage import CorruptFileError
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
+TEST_FILES = data.MNIST_FILES["test"]
+
+
+def _need_shared():
+    if not all((SHARED / name).is_file() for name in TEST_FILES):
+        pytest.skip(f"the offline MNIST test split is not at {SHARED}")
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy_and_no_user_cache(monkeypatch, tmp_path):
+    """Local servers are reached directly; nothing is ever read from or written to the real cache."""
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.delenv("EANDC_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+
+
+def idx_bytes(array, code=0x08, magic_zero=b"\x00\x00"):
+    """IDX encoding written independently of eandc: zero bytes, type code, ndim, big-endian dims."""
+    array = np.asarray(array)
+    header = magic_zero + bytes([code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+
+
+def write_gz(path, payload):
+    path.write_bytes(gzip.compress(payload, mtime=0))
+    return path
+
+
+# --- the real test split ------------------------------------------------------------------------
+
+def test_mnist_test_split_from_the_shared_folder():
+    _need_shared()
+    split = data.mnist("test", data_dir=SHARED, download=False)
+    assert split.images.shape == (10_000, 784) and split.images.dtype == np.float64
+    assert split.labels.shape == (10_000,) and split.labels.dtype == np.int64
+    assert split.images.min() == 0.0 and split.images.max() == 1.0
+    np.testing.assert_array_equal(np.round(split.images * 255) / 255, split.images)  # pixel / 255
+    np.testing.assert_array_equal(np.bincount(split.labels),
+                                  [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009])
+    np.testing.assert_array_equal(split.labels[:10], [7, 2, 1, 0, 4, 1, 4, 9, 5, 9])
+    assert round(float(split.images.mean()), 6) == 0.132515
+    assert split.folder == SHARED and split.split == "test" and len(split) == 10_000
+    images, labels = split  # unpacks as a pair
+    assert images is split.images and labels is split.labels
+
+
+def test_checksums_match_the_published_sums_file():
+    _need_shared()
+    published = dict(reversed(line.split()) for line in (SHARED / "SHA256SUMS").read_text().splitlines()
+                     if line.strip())
+    for name in TEST_FILES:
+        assert published[name] == data.MNIST_SHA256[name] == data.sha256_of(SHARED / name)
+    assert set(data.MNIST_SHA256) == {name for pair in data.MNIST_FILES.values() for name in pair}
+    assert all(len(s) == 64 and int(s, 16) >= 0 for s in data.MNIST_SHA256.values())
+
+
+def test_environment_variable_names_the_folder(monkeypatch, tmp_path):
+    assert data.mnist_folder() == tmp_path / "xdg-cache" / "eandc" / "mnist"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert data.mnist_folder() == tmp_path / "home" / ".cache" / "eandc" / "mnist"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/ignored")  # the XDG spec ignores relative paths
+    assert data.mnist_folder() == tmp_path / "home" / ".cache" / "eandc" / "mnist"
+    monkeypatch.setenv("EANDC_DATA", str(SHARED))
+    assert data.mnist_folder() == SHARED
+    assert data.mnist_folder(tmp_path) == tmp_path  # data_dir wins
+    _need_shared()
+    split = data.mnist("test", download=False)
+    assert split.folder == SHARED and split.labels[0] == 7
+
+
+def test_a_damaged_file_is_refused_with_both_sums(tmp_path):
+    _need_shared()
+    for name in TEST_FILES:
+        (tmp_path / name).write_bytes((SHARED / name).read_bytes())
+    labels = tmp_path / TEST_FILES[1]
+    raw = bytearray(labels.read_bytes())
+    raw[-10] ^= 0xFF
+    labels.write_bytes(bytes(raw))
+    actual = hashlib.sha256(bytes(raw)).hexdigest()
+    with pytest.raises(data.ChecksumError) as caught:
+        data.mnist("test", data_dir=tmp_path, download=False)
+    message = str(caught.value)
+    assert str(labels) in message and actual in message and data.MNIST_SHA256[TEST_FILES[1]] in message
+    assert isinstance(caught.value, CorruptFileError)
+    assert caught.value.expected == data.MNIST_SHA256[TEST_FILES[1]] and caught.value.actual == actual
+    assert labels.read_bytes() == bytes(raw)  # the user's file is reported, not deleted
+
+
+def test_unknown_split():
+    with pytest.raises(ValueError, match="split must be one of"):
+        data.mnist("validation")
+
+
+# --- the IDX reader on synthetic files ----------------------------------------------------------
+
+def test_read_idx_on_small_synthetic_files(tmp_path):
+    images = np.arange(3 * 4 * 5, dtype=np.uint8).reshape(3, 4, 5)
+    out = data.read_idx(write_gz(tmp_path / "images.gz", idx_bytes(images)))
+    assert out.dtype == np.uint8 and out.shape == (3, 4, 5)
+    np.testing.assert_array_equal(out, images)
+    ints = np.array([[-1, 2**20], [7, -(2**31)]], dtype=np.int32)  # byte order matters here
+    (tmp_path / "ints.idx").write_bytes(idx_bytes(ints, code=0x0C))  # plain, not gzipped
+    out = data.read_idx(tmp_path / "ints.idx")
+    assert out.dtype == np.int32 and out.dtype.isnative
+    np.testing.assert_array_equal(out, ints)
+    doubles = np.array([0.5, -1e300])
+    out = data.read_idx(write_gz(tmp_path / "doubles.gz", idx_bytes(doubles, code=0x0E)))
+    np.testing.assert_array_equal(out, doubles)
+    good = write_gz(tmp_path / "good.gz", idx_bytes(images))
+    assert data.read_idx(good, sha256=hashlib.sha256(good.read_bytes()).hexdigest()).shape == (3, 4, 5)
+    with pytest.raises(data.ChecksumError, match="0" * 64):
+        data.read_idx(good, sha256="0" * 64)
+
+
+def test_read_idx_refuses_malformed_files(tmp_path):
+    images = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    cases = {
+        "magic": (idx_bytes(images, magic_zero=b"\x01\x00"), "bad magic number 0x01000803"),
+        "code": (idx_bytes(images, code=0x0A), "unknown IDX type code 0x0a"),
+        "short": (idx_bytes(images)[:-1], r"holds 17 bytes of values.*\(2, 3, 3\).*18 bytes.*truncated"),
+        "long": (idx_bytes(images) + b"\x00", "holds 19 bytes.*too long"),
+        "header": (idx_bytes(images)[:10], "truncated header"),
+        "tiny": (b"\x00\x00", "too short for an IDX header"),
+    }
+    for name, (payload, message) in cases.items():
+        with pytest.raises(data.IdxFormatError, match=message):
+            data.read_idx(write_gz(tmp_path / f"{name}.gz", payload))
+    cut = tmp_path / "cut.gz"
+    cut.write_bytes(gzip.compress(idx_bytes(images))[:-12])  # a truncated gzip stream
+    with pytest.raises(data.IdxFormatError, match="not a readable gzip file"):
+        data.read_idx(cut)
+    assert issubclass(data.IdxFormatError, CorruptFileError)
+    with pytest.raises(FileNotFoundError):
+        data.read_idx(tmp_path / "absent.gz")
+
+
+# --- downloads from a local server --------------------------------------------------------------
+
+class Server:
+    """A local HTTP server: ``routes`` maps a path to bytes; anything else is a 404."""
+
+    def __init__(self, routes):
+        self.routes, self.hits = routes, []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.hits.append(self.path)
+                body = server.routes.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join()
+
+
+def closed_port_url():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/"
+
+
+SMALL = gzip.compress(idx_bytes(np.arange(10, dtype=np.uint8)), mtime=0)
+SMALL_SUM = hashlib.sha256(SMALL).hexdigest()
+CORRUPT = SMALL[:-5] + bytes(b ^ 0xFF for b in SMALL[-5:])
+
+
+def test_download_accepts_a_good_file(tmp_path):
+    folder = tmp_path / "dl"
+    folder.mkdir()
+    with Server({"/good/small.gz": SMALL}) as server:
+        path = data.download_file("small.gz", folder, SMALL_SUM, mirrors=[server.url + "/good"],
+                                  progress=False)
+    assert path == folder / "small.gz" and path.read_bytes() == SMALL
+    assert sorted(p.name for p in folder.iterdir()) == ["small.gz"]
+    np.testing.assert_array_equal(data.read_idx(path, SMALL_SUM), np.arange(10))
+
+
+def test_download_rejects_a_corrupted_file_and_leaves_nothing(tmp_path):
+    folder = tmp_path / "dl"
+    folder.mkdir()
+    with Server({"/bad/small.gz": CORRUPT}) as server:
+        with pytest.raises(data.ChecksumError) as caught:
+            data.download_file("small.gz", folder, SMALL_SUM, mirrors=[server.url + "/bad/"],
+                               progress=False)
+    message = str(caught.value)
+    assert "small.gz" in message and SMALL_SUM in message
+    assert hashlib.sha256(CORRUPT).hexdigest() in message
+    assert list(folder.iterdir()) == []  # no temporary file, no target file
+
+
+def test_download_falls_through_to_the_next_mirror(tmp_path):
+    folder = tmp_path / "dl"
+    folder.mkdir()
+    routes = {"/bad/small.gz": CORRUPT, "/good/small.gz": SMALL}
+    with Server(routes) as server:
+        mirrors = [server.url + "/missing/", server.url + "/bad/", server.url + "/good/"]
+        path = data.download_file("small.gz", folder, SMALL_SUM, mirrors=mirrors, progress=False)
+        assert server.hits == ["/missing/small.gz", "/bad/small.gz", "/good/small.gz"]
+    assert path.read_bytes() == SMALL
+    assert sorted(p.name for p in folder.iterdir()) == ["small.gz"]
+
+
+def test_download_error_when_no_mirror_serves_the_file(tmp_path):
+    with Server({}) as server:
+        closed = closed_port_url()
+        with pytest.raises(data.DownloadError) as caught:
+            data.download_file("small.gz", tmp_path, SMALL_SUM,
+                               mirrors=[server.url + "/missing/", closed], progress=False)
+    message = str(caught.value)
+    assert "small.gz" in message and "404" in message and "refused" in message and closed in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_mnist_downloads_missing_files_and_verifies_them(tmp_path):
+    _need_shared()
+    routes = {f"/mnist/{name}": (SHARED / name).read_bytes() for name in TEST_FILES}
+    folder = tmp_path / "new" / "mnist"  # created on demand
+    with Server(routes) as server:
+        split = data.mnist("test", data_dir=folder, mirrors=[closed_port_url(), server.url + "/mnist/"],
+                           progress=False)
+        assert server.hits == [f"/mnist/{name}" for name in TEST_FILES]
+        data.mnist("test", data_dir=folder, mirrors=[server.url + "/mnist/"])  # no second download
+        assert len(server.hits) == 2
+    assert sorted(p.name for p in folder.iterdir()) == sorted(TEST_FILES)
+    assert np.bincount(split.labels)[1] == 1135 and split.images.shape == (10_000, 784)
+
+
+def test_offline_without_files_says_what_is_missing_and_what_to_set(tmp_path):
+    mirror = closed_port_url()
+    with pytest.raises(data.MnistNotFoundError) as caught:
+        data.mnist("train", data_dir=tmp_path, mirrors=[mirror], progress=False, timeout=5)
+    message = str(caught.value)
+    for needed in (*data.MNIST_FILES["train"], str(tmp_path), "data_dir=", "EANDC_DATA", mirror,
+                   "Downloading failed"):
+        assert needed in message, needed
+    assert list(tmp_path.iterdir()) == [] and isinstance(caught.value, FileNotFoundError)
+    with pytest.raises(data.MnistNotFoundError, match=r"(?s)t10k-images.*t10k-labels.*download=False"):
+        data.mnist("test", data_dir=tmp_path, download=False)
