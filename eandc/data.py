@@ -1,4 +1,4 @@
-"""MNIST for black-box experiments: the official IDX files, checked and downloaded.
+"""MNIST for black-box experiments: the official IDX files, checked and downloaded, and query sets.
 
 :func:`mnist` returns one split of MNIST (LeCun, Cortes & Burges) as an :class:`MnistSplit`:
 ``images`` float64 of shape ``(n, 784)`` scaled to ``[0, 1]`` (pixel / 255, rows of the 28 x 28
@@ -14,6 +14,19 @@ raises :class:`ChecksumError`. A missing file is downloaded from the first of :d
 that serves it: streamed to a temporary file in the same folder, checked, then renamed, so the
 folder never holds a partial or unverified file. When no mirror can be reached,
 :class:`MnistNotFoundError` says which files are missing where and how to provide them.
+
+A black box can be queried anywhere, not only on digits. The query sets below build inputs from
+available images (all float64, shape ``(n, 784)``, deterministic given ``seed`` through
+``numpy.random.default_rng``):
+
+* :func:`image_queries`: the images themselves;
+* :func:`noise_overlay_queries`: random images plus i.i.d. Gaussian pixel noise;
+* :func:`tile_queries`: patchworks whose tiles come from different random images, each tile
+  kept at its own position;
+* :func:`query_set`: the same by name (:data:`QUERY_SETS`).
+
+:func:`varying_pixels` marks the pixels that vary across a query set (MNIST's border pixels are
+0 in almost every image), so that distances can leave out the ones that never do.
 """
 
 from __future__ import annotations
@@ -34,11 +47,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .storage import CorruptFileError
+from .teachers import check_inputs
 
 __all__ = [
-    "MIRRORS", "MNIST_FILES", "MNIST_SHA256", "ChecksumError", "IdxFormatError",
+    "MIRRORS", "MNIST_FILES", "MNIST_SHA256", "QUERY_SETS", "ChecksumError", "IdxFormatError",
     "DownloadError", "MnistNotFoundError", "MnistSplit", "mnist", "mnist_folder", "read_idx",
-    "download_file", "sha256_of",
+    "download_file", "sha256_of", "image_queries", "noise_overlay_queries", "tile_queries",
+    "query_set", "varying_pixels",
 ]
 
 log = logging.getLogger(__name__)
@@ -344,3 +359,144 @@ def mnist(split: str, data_dir: str | os.PathLike | None = None, *, download: bo
     _check_mnist_arrays(images, labels, split, folder)
     log.info("loaded MNIST %s split from %s: %d images", split, folder, len(labels))
     return MnistSplit(images.reshape(len(images), -1) / 255.0, labels.astype(np.int64), split, folder)
+
+
+# --- query sets --------------------------------------------------------------------------------
+
+DEFAULT_NOISE_STD = 0.1  # std of the Gaussian pixel noise of the "noise" query set
+
+QUERY_SETS = {
+    "images": "the images themselves: n of them drawn without replacement (all, in order, if n is None)",
+    "noise": f"random images plus N(0, {DEFAULT_NOISE_STD}^2) noise on every pixel, not clipped",
+    "tiles2x2": "2 x 2 patchworks of quarters of 4 different random images, each at its own position",
+    "tiles4x4": "4 x 4 patchworks of 7 x 7 tiles of 16 different random images, each at its own position",
+}
+
+
+def _images(images) -> np.ndarray:
+    return check_inputs(images, "images").numpy()
+
+
+def _check_count(n) -> int:
+    if isinstance(n, bool) or int(n) != n or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    return int(n)
+
+
+def image_queries(images) -> np.ndarray:
+    """The images themselves as queries: a float64 copy of shape ``(n, d)``."""
+    return _images(images).copy()
+
+
+def noise_overlay_queries(images, n: int, noise_std: float = DEFAULT_NOISE_STD, seed: int = 0,
+                          *, clip: bool = False) -> np.ndarray:
+    """``n`` random images with i.i.d. ``N(0, noise_std^2)`` noise added to every pixel.
+
+    Recipe: ``rng = default_rng(seed)``; the images are ``images[rng.integers(0, len(images), n)]``
+    (drawn with replacement), then the noise is ``rng.normal(0, noise_std, (n, d))``. The sum is
+    not clipped (a black box can be queried outside ``[0, 1]``, and clipping would make the noise
+    on the many zero pixels one-sided); ``clip=True`` clips it to ``[0, 1]``.
+    """
+    images = _images(images)
+    n = _check_count(n)
+    if not noise_std >= 0:
+        raise ValueError(f"noise_std must be non-negative, got {noise_std}")
+    rng = np.random.default_rng(seed)
+    chosen = rng.integers(0, len(images), size=n)
+    queries = images[chosen] + rng.normal(0.0, noise_std, size=(n, images.shape[1]))
+    return np.clip(queries, 0.0, 1.0) if clip else queries
+
+
+def _grid(tiles) -> tuple[int, int]:
+    grid = (tiles, tiles) if isinstance(tiles, (int, np.integer)) else tuple(tiles)
+    if len(grid) != 2 or any(isinstance(t, bool) or int(t) != t or t < 1 for t in grid):
+        raise ValueError(f"tiles must be a positive integer or a pair (rows, columns), got {tiles!r}")
+    return int(grid[0]), int(grid[1])
+
+
+def _distinct_sources(rng, n_images: int, n: int, k: int) -> np.ndarray:
+    """``(n, k)`` image indices, all different within a row, each row uniform among such tuples.
+
+    Column ``t`` draws ``r = rng.integers(0, n_images - t, n)`` and takes the ``r``-th image (from
+    0) among those not yet used in that row.
+    """
+    sources = np.empty((n, k), dtype=np.int64)
+    for t in range(k):
+        choice = rng.integers(0, n_images - t, size=n)
+        used = np.sort(sources[:, :t], axis=1)
+        for s in range(t):  # skip, in increasing order, the images already used
+            choice += choice >= used[:, s]
+        sources[:, t] = choice
+    return sources
+
+
+def tile_queries(images, n: int, tiles=(2, 2), seed: int = 0) -> np.ndarray:
+    """``n`` patchworks: each tile of a query comes from another random image, at its own position.
+
+    The square images (``d = side^2``, 784 for MNIST) are cut into a grid of ``tiles`` (an int
+    ``k`` means ``k x k``) as equal as possible: row ``i`` of the grid covers image rows
+    ``i * side // rows`` to ``(i + 1) * side // rows``, and likewise for columns. Tile ``t`` (grid
+    cells in row-major order) of query ``q`` is the same tile of image ``sources[q, t]``. With
+    ``rng = default_rng(seed)``, tile ``t`` of all queries draws ``r = rng.integers(0, len(images) - t, n)``
+    and takes the ``r``-th image not yet used in its query, so the tiles of a query come from
+    different images, all such choices being equally likely (this needs at least as many images
+    as tiles).
+    """
+    images = _images(images)
+    n = _check_count(n)
+    rows, cols = _grid(tiles)
+    side = int(round(np.sqrt(images.shape[1])))
+    if side * side != images.shape[1]:
+        raise ValueError(f"tile_queries needs square images; {images.shape[1]} pixels are not a square")
+    if rows > side or cols > side:
+        raise ValueError(f"a {rows} x {cols} grid does not fit {side} x {side} images")
+    if len(images) < rows * cols:
+        raise ValueError(f"{rows} x {cols} tiles from different images need at least {rows * cols} "
+                         f"images, got {len(images)}")
+    rng = np.random.default_rng(seed)
+    sources = _distinct_sources(rng, len(images), n, rows * cols)
+    pictures = images.reshape(len(images), side, side)
+    queries = np.empty((n, side, side))
+    row_edges = [i * side // rows for i in range(rows + 1)]
+    col_edges = [j * side // cols for j in range(cols + 1)]
+    for i in range(rows):
+        for j in range(cols):
+            r, c = slice(row_edges[i], row_edges[i + 1]), slice(col_edges[j], col_edges[j + 1])
+            queries[:, r, c] = pictures[:, r, c][sources[:, i * cols + j]]
+    return queries.reshape(n, side * side)
+
+
+def query_set(name: str, images, n: int | None = None, seed: int = 0, **options) -> np.ndarray:
+    """The query set ``name`` (one of :data:`QUERY_SETS`) of ``n`` queries built from ``images``.
+
+    ``"images"``: ``n`` images drawn without replacement by ``default_rng(seed).permutation``
+    (``n=None``: all of them, in order); ``"noise"``: :func:`noise_overlay_queries` (``options``
+    such as ``noise_std=`` or ``clip=`` are passed on); ``"tiles2x2"`` and ``"tiles4x4"``:
+    :func:`tile_queries` with that grid. Those three need ``n``.
+    """
+    if name not in QUERY_SETS:
+        raise ValueError(f"unknown query set {name!r}; known: {', '.join(QUERY_SETS)}")
+    if name == "images":
+        if options:
+            raise TypeError(f"query set 'images' takes no options, got {sorted(options)}")
+        images = _images(images)
+        if n is None:
+            return images.copy()
+        n = _check_count(n)
+        if n > len(images):
+            raise ValueError(f"cannot draw {n} different images from {len(images)}")
+        return images[np.random.default_rng(seed).permutation(len(images))[:n]]
+    if n is None:
+        raise ValueError(f"query set {name!r} needs the number of queries n")
+    if name == "noise":
+        return noise_overlay_queries(images, n, seed=seed, **options)
+    grid = {"tiles2x2": (2, 2), "tiles4x4": (4, 4)}[name]
+    return tile_queries(images, n, tiles=grid, seed=seed, **options)
+
+
+def varying_pixels(X, tol: float = 0.0) -> np.ndarray:
+    """Boolean mask ``(d,)``: True for the pixels whose range (max - min) over the queries exceeds ``tol``."""
+    X = check_inputs(X, "queries").numpy()
+    if not tol >= 0:
+        raise ValueError(f"tol must be non-negative, got {tol}")
+    return np.ptp(X, axis=0) > tol

@@ -1,4 +1,4 @@
-"""MNIST files: checksums, IDX parsing, downloads from a local server."""
+"""MNIST files (checksums, IDX parsing, downloads from a local server) and query sets built from images."""
 
 import gzip
 import hashlib
@@ -275,3 +275,120 @@ def test_offline_without_files_says_what_is_missing_and_what_to_set(tmp_path):
     assert list(tmp_path.iterdir()) == [] and isinstance(caught.value, FileNotFoundError)
     with pytest.raises(data.MnistNotFoundError, match=r"(?s)t10k-images.*t10k-labels.*download=False"):
         data.mnist("test", data_dir=tmp_path, download=False)
+
+
+# --- query sets ---------------------------------------------------------------------------------
+
+def labelled_images(n_images, side=28):
+    """Image k's pixel p holds k * side^2 + p, so a query pixel tells which image and pixel it copies."""
+    return np.arange(n_images * side * side, dtype=np.float64).reshape(n_images, side * side)
+
+
+def test_image_queries_copy_the_images():
+    images = np.random.default_rng(0).uniform(size=(5, 784)).astype(np.float32)
+    X = data.image_queries(images)
+    assert X.dtype == np.float64 and X.shape == (5, 784)
+    np.testing.assert_array_equal(X, images.astype(np.float64))
+    X[0, 0] = 7
+    assert images[0, 0] != 7
+    with pytest.raises(ValueError, match="NaN"):
+        data.image_queries(np.full((2, 784), np.nan))
+
+
+def test_noise_overlay_follows_its_recipe_and_statistics():
+    images = np.random.default_rng(1).uniform(size=(50, 784))
+    X = data.noise_overlay_queries(images, 400, noise_std=0.3, seed=5)
+    rng = np.random.default_rng(5)
+    chosen = rng.integers(0, 50, size=400)
+    np.testing.assert_array_equal(X, images[chosen] + rng.normal(0, 0.3, size=(400, 784)))
+    noise = X - images[chosen]
+    assert abs(noise.mean()) < 0.002 and abs(noise.std() - 0.3) < 0.002  # 313,600 draws
+    assert X.min() < 0 and X.max() > 1  # not clipped by default
+    np.testing.assert_array_equal(data.noise_overlay_queries(images, 400, 0.3, seed=5), X)
+    assert not np.array_equal(data.noise_overlay_queries(images, 400, 0.3, seed=6), X)
+    clipped = data.noise_overlay_queries(images, 400, noise_std=0.3, seed=5, clip=True)
+    np.testing.assert_array_equal(clipped, np.clip(X, 0, 1))
+    with pytest.raises(ValueError, match="noise_std"):
+        data.noise_overlay_queries(images, 4, noise_std=-1)
+
+
+@pytest.mark.parametrize("tiles, row_edges, col_edges", [((2, 2), [0, 14, 28], [0, 14, 28]),
+                                                     (4, [0, 7, 14, 21, 28], [0, 7, 14, 21, 28]),
+                                                     ((3, 2), [0, 9, 18, 28], [0, 14, 28])])
+def test_tiles_come_from_different_images_at_their_own_positions(tiles, row_edges, col_edges):
+    images = labelled_images(20)
+    X = data.tile_queries(images, 300, tiles=tiles, seed=2)
+    assert X.shape == (300, 784) and X.dtype == np.float64
+    source, pixel = np.divmod(X.reshape(300, 28, 28), 784)
+    np.testing.assert_array_equal(pixel, np.broadcast_to(np.arange(784).reshape(28, 28), (300, 28, 28)))
+    rows, cols = len(row_edges) - 1, len(col_edges) - 1
+    per_tile = []
+    for i in range(rows):
+        for j in range(cols):
+            block = source[:, row_edges[i]:row_edges[i + 1], col_edges[j]:col_edges[j + 1]]
+            first = block[:, :1, :1]
+            assert (block == first).all()  # one tile, one source image
+            per_tile.append(first[:, 0, 0])
+    per_tile = np.stack(per_tile, axis=1)
+    assert all(len(set(row)) == rows * cols for row in per_tile)  # different images in each query
+    assert len(np.unique(per_tile)) == 20  # every image gets used
+    rng = np.random.default_rng(2)  # the recipe: tile t takes the r-th image not yet used, r < 20 - t
+    draws = [rng.integers(0, 20 - t, size=300) for t in range(rows * cols)]
+    for q in range(300):
+        unused = list(range(20))
+        assert [unused.pop(draw[q]) for draw in draws] == list(per_tile[q])
+    np.testing.assert_array_equal(data.tile_queries(images, 300, tiles=tiles, seed=2), X)
+    assert not np.array_equal(data.tile_queries(images, 300, tiles=tiles, seed=3), X)
+
+
+def test_tile_sources_are_uniform():
+    X = data.tile_queries(labelled_images(5), 20_000, tiles=2, seed=0)
+    source = X.reshape(-1, 28, 28)[:, [0, 0, 14, 14], [0, 14, 0, 14]] // 784  # one pixel per tile
+    for t in range(4):
+        counts = np.bincount(source[:, t].astype(int), minlength=5)
+        assert np.abs(counts - 4000).max() < 300, counts  # binomial std 57
+
+
+def test_tile_queries_refuse_impossible_requests():
+    with pytest.raises(ValueError, match="at least 16 images"):
+        data.tile_queries(labelled_images(15), 3, tiles=4)
+    with pytest.raises(ValueError, match="square"):
+        data.tile_queries(np.zeros((8, 10)), 3)
+    with pytest.raises(ValueError, match="tiles must be"):
+        data.tile_queries(labelled_images(8), 3, tiles=(2, 0))
+
+
+def test_query_set_dispatches_by_name():
+    images = labelled_images(40) / (40 * 784)
+    assert set(data.QUERY_SETS) == {"images", "noise", "tiles2x2", "tiles4x4"}
+    np.testing.assert_array_equal(data.query_set("images", images), images)
+    chosen = data.query_set("images", images, 10, seed=4)
+    np.testing.assert_array_equal(chosen, images[np.random.default_rng(4).permutation(40)[:10]])
+    np.testing.assert_array_equal(data.query_set("noise", images, 30, seed=1),
+                                  data.noise_overlay_queries(images, 30, data.DEFAULT_NOISE_STD, seed=1))
+    np.testing.assert_array_equal(data.query_set("noise", images, 30, seed=1, noise_std=0.5),
+                                  data.noise_overlay_queries(images, 30, 0.5, seed=1))
+    np.testing.assert_array_equal(data.query_set("tiles2x2", images, 30, seed=1),
+                                  data.tile_queries(images, 30, (2, 2), seed=1))
+    np.testing.assert_array_equal(data.query_set("tiles4x4", images, 30, seed=1),
+                                  data.tile_queries(images, 30, 4, seed=1))
+    with pytest.raises(ValueError, match="unknown query set 'blur'"):
+        data.query_set("blur", images, 3)
+    with pytest.raises(ValueError, match="cannot draw 41"):
+        data.query_set("images", images, 41)
+    with pytest.raises(ValueError, match="needs the number of queries"):
+        data.query_set("tiles2x2", images)
+
+
+def test_varying_pixels():
+    X = np.zeros((4, 6))
+    X[:, 1] = [0, 1, 0, 0]
+    X[:, 3] = [0.5, 0.5, 0.5, 0.5]  # constant, though not zero
+    X[:, 4] = [0, 0, 1e-9, 0]
+    np.testing.assert_array_equal(data.varying_pixels(X), [False, True, False, False, True, False])
+    np.testing.assert_array_equal(data.varying_pixels(X, tol=1e-6), [False, True, False, False, False, False])
+    _need_shared()
+    images = data.mnist("test", data_dir=SHARED, download=False).images
+    mask = data.varying_pixels(images)
+    assert mask.shape == (784,) and mask.sum() == 668 and not mask[0] and mask[14 * 28 + 14]
+    assert data.varying_pixels(data.noise_overlay_queries(images[:10], 5, 0.1)).all()
