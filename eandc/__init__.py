@@ -9,6 +9,7 @@ Martinelli, Şimşek, Gerstner, Brea (ICML 2024, arXiv 2304.12794). A few lines 
     print(eandc.compare(teacher, result.network, eandc.gaussian_inputs(5_000, 2, seed=2)).summary())
 """
 
+from . import data
 from .activations import ACTIVATIONS, get_activation
 from .clustering import cluster_layer
 from .compare import Comparison, compare
@@ -20,6 +21,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ACTIVATIONS", "Comparison", "ExpandAndClusterResult", "MLP", "StudentBatch",
-    "cluster_layer", "compare", "expand_and_cluster", "gaussian_inputs", "get_activation",
+    "cluster_layer", "compare", "data", "expand_and_cluster", "gaussian_inputs", "get_activation",
     "query", "random_teacher", "uniform_inputs",
 ]
