@@ -502,7 +502,7 @@ def main():
     parser.add_argument("--problems", default="T1,T1tanh,T2,T3")
     parser.add_argument("--methods", default=None,
                         help="comma-separated subset of steps,recipe,lbfgs,sklearn,eandc,eandc_e2e,"
-                             "autograd (default: all that apply)")
+                             "autograd, each optionally as PROBLEM:METHOD (default: all that apply)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds per baseline run (default 600, 20 with --quick)")
@@ -526,7 +526,8 @@ def main():
     for problem in args.problems.split(","):
         if problem not in PROBLEMS:
             parser.error(f"unknown problem {problem!r}; choose from {', '.join(PROBLEMS)}")
-        tasks += [(problem, m) for m in METHODS[problem] if wanted is None or m in wanted]
+        tasks += [(problem, m) for m in METHODS[problem]
+                  if wanted is None or m in wanted or f"{problem}:{m}" in wanted]
     results: dict = {}
     bar = tqdm(tasks, desc="training speed")
     for problem, method in bar:

@@ -2,16 +2,18 @@
 
 What the profiler showed (``torch.profiler``, one thread, g students 8-64-1 x 10 on 6,410 rows,
 the Adam phase of problem T2 of ``benchmarks/training_speed.py``): the autograd step spends
-~80% of its time in element-wise kernels (``add``, ``sigmoid``, ``mul``, ``sub``, ``softplus``
+~85% of its time in element-wise kernels (``add``, ``sigmoid``, ``mul``, ``sub``, ``softplus``
 and their backward) over whole ``(students, samples, width)`` tensors of 33 MB, which do not
 fit in cache, and only ~7% in ``bmm``. Here the same arithmetic runs over chunks of samples that
-stay in the L2 cache, the derivative comes with the value (:meth:`Activation.value_and_derivative`),
+stay in the L2 cache, the derivative comes with the value (``Activation.value_and_derivative``),
 the first layer of all students is one matrix product, and the backward pass is a few batched
-matrix products: 2-3x fewer seconds per step on T1/T2, about the same on GEMM-bound MNIST-sized
-students (T3). ``compiled=True`` fuses the activation's element-wise arithmetic with
-``torch.compile`` (3-4x faster activation kernels once compiled; the compile itself costs 3-20 s
-per activation and process, so it pays only for long runs); without a working compiler it falls
-back to the eager activation.
+matrix products. Measured by the benchmark (one thread, shared 2-core machine): an Adam step
+1.9x (T1) and 2.5x (T2) faster than autograd; on MNIST-sized students (T3, GEMM-bound) 1.9x
+per full-batch step (peak RSS 494 MB instead of 1,331), 1.2x per epoch of 512-row minibatches.
+``compiled=True`` runs the activation through ``torch.compile``: 3-4x faster activation kernels
+in isolation, but no consistent gain on the whole step (2.35x vs 1.9x on T1, 2.46x vs 2.53x on
+T2) for 4-20 s of compiling per activation and process, so it is off by default; without a
+working compiler it falls back to the eager activation.
 
 :func:`autograd_loss_and_gradient` is the reference (autograd through :func:`eandc.mlp.forward`).
 """

@@ -282,9 +282,9 @@ def adam_phase(theta: torch.Tensor, layout: Layout, activation: Activation, X: t
                gradient: str = "fused") -> torch.Tensor:
     """``steps`` full-batch Adam steps on the sum of the students' losses (each its own gradient).
 
-    ``gradient``: ``"fused"`` (analytic, :func:`eandc.fast.loss_and_gradient`, 2-3x faster on
-    CPU), ``"compiled"`` (the same with the activation through ``torch.compile``: pays only for
-    long phases) or ``"autograd"`` (the reference: autograd through :func:`forward`).
+    ``gradient``: ``"fused"`` (analytic, :func:`eandc.fast.loss_and_gradient`, 2-2.5x faster on
+    CPU), ``"compiled"`` (the same with the activation through ``torch.compile``: no consistent
+    gain measured) or ``"autograd"`` (the reference: autograd through :func:`forward`).
     """
     if gradient not in GRADIENTS:
         raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
