@@ -62,9 +62,19 @@ class Activation:
         return self.symmetry in ("even_linear", "even_linear_scaling")
 
 
+# torch's softplus returns z itself above its threshold (default 20), an error of 2e-9 there that
+# its derivative sigmoid(z) does not see; above 40, log1p(exp(-z)) < 5e-18 is below float64's
+# resolution of z, so this threshold keeps value and derivative exact to rounding.
+SOFTPLUS_THRESHOLD = 40.0
+
+
+def _softplus_value(z):
+    return torch.nn.functional.softplus(z, threshold=SOFTPLUS_THRESHOLD)
+
+
 def _g(z):
     s4 = torch.sigmoid(4 * z)
-    return s4 + torch.nn.functional.softplus(z), 4 * s4 * (1 - s4) + torch.sigmoid(z)
+    return s4 + _softplus_value(z), 4 * s4 * (1 - s4) + torch.sigmoid(z)
 
 
 def _tanh(z):
@@ -78,7 +88,7 @@ def _sigmoid(z):
 
 
 def _softplus(z):
-    return torch.nn.functional.softplus(z), torch.sigmoid(z)
+    return _softplus_value(z), torch.sigmoid(z)
 
 
 _INV_SQRT2 = 1 / math.sqrt(2)

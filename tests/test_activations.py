@@ -60,3 +60,18 @@ def test_unknown_activation_names_the_choices():
         get_activation(3)
     assert get_activation("Leaky-ReLU").name == "leaky_relu"
     assert math.isclose(get_activation("leaky_relu").flip_slope, 1.01)
+
+
+@pytest.mark.parametrize("name", ["g", "softplus"])
+def test_softplus_is_exact_for_large_inputs(name):
+    # torch's default softplus returns z above 20 (an error of 2e-9 its derivative does not see);
+    # value and derivative must agree with log1p(exp(-|z|)) + max(z, 0) to rounding everywhere.
+    z = torch.linspace(-60, 60, 2401, dtype=torch.float64)
+    value, slope = get_activation(name).value_and_derivative(z)
+    exact = torch.clamp_min(z, 0) + torch.log1p(torch.exp(-z.abs()))
+    if name == "g":
+        exact = exact + torch.sigmoid(4 * z)
+    assert torch.allclose(value, exact, rtol=1e-15, atol=1e-16)
+    h = 1e-5
+    numeric = (get_activation(name)(z + h) - get_activation(name)(z - h)) / (2 * h)
+    assert torch.allclose(slope, numeric, rtol=1e-8, atol=1e-9)
