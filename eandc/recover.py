@@ -48,6 +48,13 @@ __all__ = ["expand_and_cluster", "ExpandAndClusterResult", "find_student_widths"
 log = logging.getLogger(__name__)
 
 ZERO_LOSS = 1e-8  # relative loss that counts as "~zero" when choosing the student width
+# Deep students start small and take a long first-order phase: gradient descent from near the
+# origin first aligns the first layer's neurons with the teacher's (they "condense"), where
+# second-order training from a standard start lands deep students in distributed near-solutions
+# (relative loss 1e-8, no teacher neuron found by enough students). The paper's students also
+# start small (PyTorch's fan-in of its 3-D tensors makes its init std sqrt(2 / (width N))).
+DEEP_INIT_SCALE = 0.3
+DEEP_ADAM_STEPS = 1500
 CONSENSUS_MIN_LOSS = 1e-20  # consensus rounds run only while some student is above this loss
 
 
@@ -135,7 +142,7 @@ def converged(losses: np.ndarray, needed: int) -> np.ndarray:
 
 def find_student_widths(X, y, activation, n_hidden_layers=1, *, n_students=10, start=2,
                         max_width=256, consistency=0.8, zero_loss=ZERO_LOSS, seed=0, device=None,
-                        progress=False, **train_options):
+                        progress=False, init_scale=1.0, **train_options):
     """Double the student width from ``start`` until a fraction ``consistency`` of the students
     reach a relative loss below ``zero_loss``; return (widths, trained students, report, log)."""
     act = get_activation(activation)
@@ -143,7 +150,8 @@ def find_student_widths(X, y, activation, n_hidden_layers=1, *, n_students=10, s
     while True:
         layout = Layout(X.shape[1], (width,) * n_hidden_layers, y.shape[1], act.leaves_linear_term)
         _check_size(layout, X.shape[0])
-        students = init_students(layout, act, n_students, y, seed=seed, device=device)
+        students = init_students(layout, act, n_students, y, seed=seed, device=device,
+                                 scale=init_scale)
         students, report = train_students(students, X, y, seed=seed, progress=progress, **train_options)
         share = float((report.relative_losses <= zero_loss).mean())
         history.append({"width": width, "share_at_zero_loss": share,
@@ -157,7 +165,7 @@ def find_student_widths(X, y, activation, n_hidden_layers=1, *, n_students=10, s
 def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_widths=None,
                        n_students=10, gamma=0.5, beta=math.pi / 6, seed=0, device=None,
                        progress=True, prune_network=True, feature_mask=None,
-                       consensus_rounds=2, train_options=None,
+                       consensus_rounds=2, train_options=None, init_scale=None,
                        checkpoint=None) -> ExpandAndClusterResult:
     """Recover a black-box MLP's layer widths and weights from queries (see the module doc).
 
@@ -170,6 +178,9 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
     keyword arguments for :func:`eandc.training.train_students`. ``consensus_rounds``: how many
     times at most to share the clustered neurons of a layer with every student, retrain, and
     cluster again, while that finds more clusters (0: the paper's single pass).
+    ``init_scale``: the students' initial weight scale (:func:`eandc.training.init_students`);
+    ``None``: 1 for one hidden layer, ``DEEP_INIT_SCALE`` for deeper students, which also take
+    ``DEEP_ADAM_STEPS`` first-order steps unless ``train_options`` says otherwise.
     ``checkpoint``: an :class:`eandc.checkpoint.Checkpoint`; the run records its progress there
     and, started again with the same arguments, resumes from it (bitwise the same result on CPU).
     """
@@ -185,17 +196,25 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
     X, y = X.to(device), y.to(device)
     options = dict(train_options or {})
     options.setdefault("progress", progress)
+    deep = n_hidden_layers > 1
+    if init_scale is None:
+        init_scale = DEEP_INIT_SCALE if deep else 1.0
+    expansion_options = dict(options)
+    if deep:
+        expansion_options.setdefault("adam_steps", DEEP_ADAM_STEPS)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     search = []
     if student_widths is None:
         student_widths, students, report, search = find_student_widths(
-            X, y, act, n_hidden_layers, n_students=n_students, seed=seed, device=device, **options)
+            X, y, act, n_hidden_layers, n_students=n_students, seed=seed, device=device,
+            init_scale=init_scale, **expansion_options)
     else:
         layout = Layout(X.shape[1], tuple(student_widths), y.shape[1], act.leaves_linear_term)
         _check_size(layout, X.shape[0])
-        students = init_students(layout, act, n_students, y, seed=seed, device=device)
-        students, report = train_students(students, X, y, seed=seed, **options)
+        students = init_students(layout, act, n_students, y, seed=seed, device=device,
+                                 scale=init_scale)
+        students, report = train_students(students, X, y, seed=seed, **expansion_options)
     timings["expansion"] = time.perf_counter() - t0
     expanded = students
     reports: list[TrainingReport] = [report]

@@ -56,15 +56,19 @@ GRADIENTS = ("fused", "compiled", "autograd")
 
 
 def init_students(layout: Layout, activation: Activation, n_students: int, y: torch.Tensor,
-                  seed: int = 0, device=None) -> StudentBatch:
-    """Random students: weights ``N(0, 1/fan_in)``, hidden biases ``N(0, 1)``, output bias mean(y)."""
+                  seed: int = 0, device=None, scale: float = 1.0) -> StudentBatch:
+    """Random students: weights ``N(0, scale^2/fan_in)``, hidden biases ``N(0, scale^2)``, output
+    bias mean(y). A small ``scale`` starts the students near the origin, where gradient descent
+    first aligns neurons with the directions the data favour (what deep students need)."""
+    if not (isinstance(scale, (int, float)) and scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"init scale must be a positive number, got {scale!r}")
     gen = torch.Generator().manual_seed(int(seed))
     weights, biases = [], []
     for l, (fan_in, fan_out) in enumerate(zip(layout.sizes[:-1], layout.sizes[1:])):
         weights.append(torch.randn(n_students, fan_out, fan_in, generator=gen, dtype=torch.float64)
-                       / math.sqrt(fan_in))
+                       / math.sqrt(fan_in) * scale)
         if l < layout.n_layers - 1:
-            biases.append(torch.randn(n_students, fan_out, generator=gen, dtype=torch.float64))
+            biases.append(scale * torch.randn(n_students, fan_out, generator=gen, dtype=torch.float64))
         else:
             biases.append(y.mean(0).cpu().expand(n_students, fan_out).clone())
     skip = torch.zeros(n_students, layout.d_out, layout.d_in, dtype=torch.float64)
