@@ -124,20 +124,26 @@ def _vjp_chunk(layout: Layout, weights, posts, slopes, Xc, u):
 
 
 def _diagonal_chunk(layout: Layout, weights, posts, slopes, Xc):
-    """The diagonal of ``J^T J`` on one chunk, ``(N, P)``: per output, the squared Jacobian
-    entries summed over samples (the identity backpropagated, one output at a time in effect)."""
+    """The diagonal of ``J^T J`` on one chunk, ``(N, P)``: the squared Jacobian entries summed
+    over samples and outputs. ``power[n, j]`` is the squared norm over outputs of the
+    derivatives of the outputs with respect to unit j's pre-activation on sample n."""
     n_students, rows = weights[0].shape[0], Xc.shape[0]
     n_layers = len(weights)
-    eye = torch.eye(layout.d_out, dtype=Xc.dtype, device=Xc.device)
-    delta = eye.expand(n_students, rows, layout.d_out, layout.d_out)  # d out_k / d preact_j
+    power = torch.ones(n_students, rows, layout.d_out, dtype=Xc.dtype, device=Xc.device)
+    delta = None  # (N, rows, d_out, width): d out_k / d preact_j, needed below two layers only
     d_weights, d_biases = [None] * n_layers, [None] * n_layers
     for l in range(n_layers - 1, -1, -1):
         a_prev = posts[l - 1] if l else Xc
-        power = delta.square().sum(2)  # (N, rows, fan_out): summed over outputs k
         d_weights[l] = power.transpose(1, 2) @ a_prev.square()
         d_biases[l] = power.sum(1)
-        if l:
-            delta = (delta @ weights[l][:, None]) * slopes[l - 1][:, :, None, :]
+        if l == n_layers - 1 and l:
+            if l > 1:
+                delta = weights[l][:, None] * slopes[l - 1][:, :, None, :]
+            power = slopes[l - 1].square() * weights[l].square().sum(1)[:, None, :]
+        elif l:
+            delta = (delta.flatten(1, 2) @ weights[l]).view(n_students, rows, layout.d_out, -1)
+            delta = delta * slopes[l - 1][:, :, None, :]
+            power = delta.square().sum(2)
     d_skip = None
     if layout.skip:
         d_skip = Xc.square().sum(0).expand(n_students, layout.d_out, layout.d_in)
