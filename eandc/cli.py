@@ -293,6 +293,10 @@ def _add_recover(commands, common):
     recover.add_argument("--adam-steps", type=int, default=None, help="Adam steps per training")
     recover.add_argument("--max-iter", type=_positive, default=None,
                          help="Levenberg-Marquardt iterations per training phase")
+    recover.add_argument("--finisher", default=None, choices=["auto", "dense", "matfree"],
+                         help="second-order finisher: dense Levenberg-Marquardt, matrix-free "
+                              "(conjugate gradients, for big students), or auto (default: "
+                              "matrix-free above 4,000 parameters per student)")
     recover.add_argument("--held-out", default="5000",
                          help="held-out inputs for comparing with a teacher network: a count "
                               "(same generator as the queries, seed + 2) or a file (default 5000)")
@@ -336,8 +340,8 @@ def recover_command(args) -> int:
     widths = args.student_widths
     if widths is None and net is not None:
         widths = [args.rho * w for w in net.widths]
-    train_options = {k: v for k, v in (("adam_steps", args.adam_steps), ("max_iter", args.max_iter))
-                     if v is not None}
+    train_options = {k: v for k, v in (("adam_steps", args.adam_steps), ("max_iter", args.max_iter),
+                                       ("finisher", args.finisher)) if v is not None}
     config = {"command": "recover", "queries": array_hash(X), "targets": array_hash(y),
               "activation": activation, "n_hidden_layers": layers, "student_widths": widths,
               "n_students": args.students, "gamma": args.gamma, "beta": args.beta,

@@ -2,12 +2,23 @@
 
 A run that needs more memory than the machine has is otherwise killed by the system hours in,
 with nothing said. Before training, :func:`check_training_memory` adds up the largest tensors
-that :func:`eandc.training.train_students` holds at once:
+that :func:`eandc.training.train_students` holds at once. With the dense finisher:
 
 * the Gauss-Newton systems of Levenberg-Marquardt: per student a ``P x P`` matrix, held about
   four times (the matrix, the damped copy, its Cholesky factor, the masked copy);
 * one chunk of the Jacobian (its size is bounded by ``JACOBIAN_CHUNK_ELEMENTS``: the samples are
   already processed in chunks), held about three times while it is assembled;
+
+with the matrix-free finisher (:mod:`eandc.matfree`) instead, no ``P x P`` term:
+
+* the conjugate-gradient vectors: about twelve ``N x P`` tensors;
+* the layers' activations and slopes on all queries, kept between Jacobian products up to
+  ``eandc.matfree.ACTIVATION_CACHE_BYTES`` (recomputed chunk by chunk above that);
+* one chunk of per-layer tensors of the products (bounded by ``eandc.matfree.CHUNK_ELEMENTS``),
+  about four times;
+
+and with both:
+
 * the Adam phase's autograd graph on the subset of queries: about six tensors of
   ``N x rows x width`` per hidden layer;
 * the queries and targets.
@@ -54,15 +65,30 @@ def format_size(n: float) -> str:
     return f"{int(n)} B"
 
 
-def training_memory(layout, n_students: int, n: int, subset_rows: int) -> dict[str, int]:
-    """Estimated bytes per item (see the module doc) for training ``n_students`` of ``layout``."""
-    from .training import _chunk_rows
-
+def training_memory(layout, n_students: int, n: int, subset_rows: int,
+                    finisher: str = "dense") -> dict[str, int]:
+    """Estimated bytes per item (see the module doc) for training ``n_students`` of ``layout``
+    with the ``"dense"`` or the ``"matfree"`` second-order finisher."""
     P, N, d_out = layout.size, n_students, layout.d_out
-    rows = min(n, _chunk_rows(N, d_out, P))
+    if finisher == "dense":
+        from .training import _chunk_rows
+
+        rows = min(n, _chunk_rows(N, d_out, P))
+        parts = {"Gauss-Newton systems": 4 * N * P * P * BYTES,
+                 "Jacobian chunk": 3 * rows * N * d_out * P * BYTES}
+    elif finisher == "matfree":
+        from . import matfree
+
+        rows = min(n, matfree.chunk_rows(N, layout))
+        units = max(layout.sizes) + sum(layout.widths) + d_out
+        parts = {"conjugate-gradient vectors": 12 * N * P * BYTES,
+                 "activation cache": min(matfree.activation_cache_bytes(layout, N, n),
+                                         matfree.ACTIVATION_CACHE_BYTES),
+                 "Jacobian-product chunk": 4 * rows * N * units * BYTES}
+    else:
+        raise ValueError(f"unknown finisher {finisher!r}; choose 'dense' or 'matfree'")
     return {
-        "Gauss-Newton systems": 4 * N * P * P * BYTES,
-        "Jacobian chunk": 3 * rows * N * d_out * P * BYTES,
+        **parts,
         "Adam graph": 6 * N * subset_rows * (sum(layout.widths) + d_out) * BYTES,
         "queries and targets": 2 * n * (layout.d_in + d_out) * BYTES,
     }
@@ -90,16 +116,18 @@ def available_memory(device=None) -> int | None:
     return free
 
 
-def check_training_memory(layout, n_students: int, n: int, subset_rows: int, device=None) -> int:
+def check_training_memory(layout, n_students: int, n: int, subset_rows: int, device=None,
+                          finisher: str = "dense") -> int:
     """Raise :class:`ResourceError` when training will not fit; return the estimate in bytes."""
-    parts = training_memory(layout, n_students, n, subset_rows)
+    parts = training_memory(layout, n_students, n, subset_rows, finisher)
     need = sum(parts.values())
     free = available_memory(device)
     if free is not None and need > free:
         biggest = max(parts, key=parts.get)
         raise ResourceError(
             f"training {n_students} students of sizes {'-'.join(map(str, layout.sizes))} "
-            f"({layout.size} parameters each) on {n} queries needs about {format_size(need)} "
+            f"({layout.size} parameters each) on {n} queries with the {finisher} finisher "
+            f"needs about {format_size(need)} "
             f"(largest: {biggest}, {format_size(parts[biggest])}), but only {format_size(free)} "
             "is available; use fewer or narrower students, or fewer queries")
     return need

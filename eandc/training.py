@@ -18,6 +18,10 @@ whatever the scale of the teacher.
 LM on all of them (exact). In between, :func:`compact_students` prunes inside each student the
 neurons its function hardly uses: an overparameterised student near a solution creeps towards
 it slowly (its minima are degenerate), while the compacted one converges quadratically.
+Students with more than ``DENSE_MAX_PARAMS`` parameters, or whose dense systems would not fit
+in memory, are finished instead by the matrix-free Levenberg-Marquardt of :mod:`eandc.matfree`
+(conjugate gradients on Jacobian products, no ``P x P`` matrix); ``finisher="dense"`` or
+``"matfree"`` forces the choice.
 """
 
 from __future__ import annotations
@@ -35,10 +39,10 @@ from . import checkpoint
 from .activations import Activation
 from .fast import loss_and_gradient
 from .mlp import Layout, StudentBatch, forward
-from .resources import check_training_memory
+from .resources import available_memory, check_training_memory, training_memory
 
 __all__ = ["init_students", "train_students", "adam_phase", "levenberg_marquardt",
-           "student_losses", "jacobian", "TrainingReport"]
+           "student_losses", "jacobian", "choose_finisher", "TrainingReport"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,10 @@ COMPACTION_MAX_LOSS = 1e-4
 COMPACTION_TOLERANCES = (1e-2, 1e-3, 1e-4)
 # How adam_phase computes its gradient (see there).
 GRADIENTS = ("fused", "compiled", "autograd")
+# Above this many parameters per student, train_students finishes with the matrix-free
+# Levenberg-Marquardt (eandc.matfree): a dense iteration costs O(n P^2 + P^3) time per student.
+DENSE_MAX_PARAMS = 4_000
+FINISHERS = ("auto", "dense", "matfree")
 
 
 def init_students(layout: Layout, activation: Activation, n_students: int, y: torch.Tensor,
@@ -274,6 +282,7 @@ class TrainingReport:
     relative_losses: np.ndarray
     iterations: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
+    finisher: str = "dense"  # the second-order finisher used: "dense" or "matfree"
 
     def n_converged(self, tol: float) -> int:
         return int((self.relative_losses <= tol).sum())
@@ -398,28 +407,59 @@ def levenberg_marquardt(theta: torch.Tensor, layout: Layout, activation: Activat
     return theta, rel, it
 
 
+def choose_finisher(layout: Layout, n_students: int, n: int, subset_rows: int, device=None,
+                    finisher: str = "auto") -> str:
+    """``"dense"`` or ``"matfree"``: the Levenberg-Marquardt variant :func:`train_students` uses.
+
+    ``"auto"`` picks the matrix-free one when a student has more than ``DENSE_MAX_PARAMS``
+    parameters or when the dense ``P x P`` systems would not fit in the available memory.
+    """
+    if finisher not in FINISHERS:
+        raise ValueError(f"unknown finisher {finisher!r}; choose one of: {', '.join(FINISHERS)}")
+    if finisher != "auto":
+        return finisher
+    if layout.size > DENSE_MAX_PARAMS:
+        return "matfree"
+    need = sum(training_memory(layout, n_students, n, subset_rows, finisher="dense").values())
+    free = available_memory(device)
+    return "matfree" if free is not None and need > free else "dense"
+
+
 @checkpoint.memoize(
     "train_students",
     lambda out: ({"theta": out[0].theta, "rel": out[1].relative_losses},
-                 {"iterations": out[1].iterations, "seconds": out[1].seconds}),
+                 {"iterations": out[1].iterations, "seconds": out[1].seconds,
+                  "finisher": out[1].finisher}),
     lambda saved, info, students, *a, **k: (
         StudentBatch(saved["theta"].to(students.device), students.layout, students.activation),
-        TrainingReport(saved["rel"].numpy(), info["iterations"], info["seconds"])))
+        TrainingReport(saved["rel"].numpy(), info["iterations"], info["seconds"],
+                       info.get("finisher", "dense"))))
 def train_students(students: StudentBatch, X: torch.Tensor, y: torch.Tensor, *,
                    adam_steps: int = 300, adam_lr: float = 3e-3, subset_rows: int | None = None,
                    max_iter: int = 400, polish_iter: int = 100, compaction_rounds: int = 3,
-                   seed: int = 0,
+                   seed: int = 0, finisher: str = "auto",
                    progress: bool = False) -> tuple[StudentBatch, TrainingReport]:
     """Train every student of the batch on (X, y): Adam and LM on a subset, then LM on all rows.
 
     ``subset_rows`` defaults to ``max(1000, 10 P)`` rows (all of them when there are fewer).
-    Returns the trained batch and a :class:`TrainingReport` with relative losses on all of X.
+    ``finisher``: the Levenberg-Marquardt variant, ``"dense"`` (:func:`levenberg_marquardt`),
+    ``"matfree"`` (:func:`eandc.matfree.matfree_levenberg_marquardt`) or ``"auto"`` (see
+    :func:`choose_finisher`). Returns the trained batch and a :class:`TrainingReport` with
+    relative losses on all of X.
     """
     layout, activation = students.layout, students.activation
     n = X.shape[0]
     if subset_rows is None:
         subset_rows = max(1000, 10 * layout.size)
-    check_training_memory(layout, students.n_students, n, min(n, subset_rows), X.device)
+    finisher = choose_finisher(layout, students.n_students, n, min(n, subset_rows), X.device,
+                               finisher)
+    check_training_memory(layout, students.n_students, n, min(n, subset_rows), X.device,
+                          finisher=finisher)
+    if finisher == "matfree":
+        from .matfree import matfree_levenberg_marquardt as finish
+        name = "matrix-free levenberg-marquardt"
+    else:
+        finish, name = levenberg_marquardt, "levenberg-marquardt"
     seconds, iterations = {}, {}
     theta = students.theta
     if subset_rows < n:
@@ -435,9 +475,9 @@ def train_students(students: StudentBatch, X: torch.Tensor, y: torch.Tensor, *,
     iterations["adam"] = adam_steps
 
     t0 = time.perf_counter()
-    theta, rel, iterations["lm_subset"] = levenberg_marquardt(
+    theta, rel, iterations["lm_subset"] = finish(
         theta, layout, activation, Xs, ys, max_iter=max_iter, progress=progress,
-        desc="levenberg-marquardt (subset)" if Xs is not X else "levenberg-marquardt")
+        desc=f"{name} (subset)" if Xs is not X else name)
     for tol in COMPACTION_TOLERANCES[:compaction_rounds]:
         candidates = torch.nonzero((rel > LOSS_FLOOR) & (rel < COMPACTION_MAX_LOSS)).flatten()
         if len(candidates) == 0:
@@ -446,9 +486,9 @@ def train_students(students: StudentBatch, X: torch.Tensor, y: torch.Tensor, *,
                                             silent_tol=tol, duplicate_tol=tol)
         if removed == 0:
             continue
-        compact, rel_compact, it = levenberg_marquardt(
+        compact, rel_compact, it = finish(
             compact, layout, activation, Xs, ys, max_iter=max_iter, progress=progress,
-            desc="levenberg-marquardt (compacted)")
+            desc=f"{name} (compacted)")
         iterations["lm_subset"] += it
         better = rel_compact <= torch.clamp(10 * rel[candidates], min=1e-20)
         theta[candidates[better]] = compact[better]
@@ -458,11 +498,11 @@ def train_students(students: StudentBatch, X: torch.Tensor, y: torch.Tensor, *,
     seconds["lm_subset"] = time.perf_counter() - t0
     if Xs is not X:
         t0 = time.perf_counter()
-        theta, rel, iterations["lm_all"] = levenberg_marquardt(
+        theta, rel, iterations["lm_all"] = finish(
             theta, layout, activation, X, y, max_iter=polish_iter, patience=10,
-            progress=progress, desc="levenberg-marquardt (all rows)")
+            progress=progress, desc=f"{name} (all rows)")
         seconds["lm_all"] = time.perf_counter() - t0
-    log.info("trained %d students: relative losses %s", len(rel),
+    log.info("trained %d students (%s finisher): relative losses %s", len(rel), finisher,
              format_losses(rel.cpu().numpy()))
-    report = TrainingReport(rel.cpu().numpy(), iterations, seconds)
+    report = TrainingReport(rel.cpu().numpy(), iterations, seconds, finisher)
     return StudentBatch(theta, layout, activation), report

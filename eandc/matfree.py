@@ -1,0 +1,412 @@
+"""Matrix-free Levenberg-Marquardt, for students too big for dense ``P x P`` systems.
+
+The dense finisher (:func:`eandc.training.levenberg_marquardt`) builds the Gauss-Newton matrix
+``J^T J`` of every student: ``N P^2`` numbers, 200 GB for ten MNIST students of 784-64-10
+(P ~ 51,000). This module solves the same damped systems
+
+    (J^T J + lam I) s = -J^T r
+
+approximately by conjugate gradients (truncated Newton, "Hessian-free"), using only products
+with the Jacobian, never the matrix:
+
+* ``J v``: the directional derivative of the outputs, propagated forward through the layers;
+* ``J^T u``: backpropagation of ``u`` through the layers;
+* ``(J^T J) v`` chains the two, chunk of samples by chunk of samples, so memory stays
+  ``O(N * chunk * width)`` beyond the layer activations, which are kept between products when
+  they fit in ``ACTIVATION_CACHE_BYTES`` (and recomputed per chunk otherwise).
+
+All students are processed at once (leading students axis), each with its own damping
+(Nielsen's rule, as the dense finisher), its own conjugate-gradient stopping (relative residual
+below a forcing term that shrinks with the loss, an iteration cap, and a truncation on
+numerically lost curvature) and its own outer stopping (loss floor, stalled progress, damping
+blow-up); a student that stops leaves the batch and costs nothing more. The conjugate gradients
+are optionally preconditioned by the diagonal of ``J^T J + lam I`` (Jacobi). Parameters of
+pruned neurons stay frozen, as in the dense finisher.
+
+:func:`matfree_levenberg_marquardt` has the dense finisher's return convention and checkpoint
+behaviour (a killed run resumes bitwise from its loop state).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from . import checkpoint
+from .activations import Activation
+from .mlp import Layout
+from .training import LOSS_FLOOR, _target_scale, frozen_parameters, student_losses
+
+__all__ = ["Linearization", "jvp", "vjp", "gauss_newton_product", "conjugate_gradient",
+           "matfree_levenberg_marquardt", "activation_cache_bytes", "chunk_rows"]
+
+log = logging.getLogger(__name__)
+
+# Elements of one chunk's per-layer tensors (students x samples x units) computed at once.
+CHUNK_ELEMENTS = 4_000_000
+# The layer activations and slopes of all samples are kept between products up to this size;
+# above it they are recomputed chunk by chunk for every product (one more matrix product each).
+ACTIVATION_CACHE_BYTES = 2**30
+# Conjugate-gradient iterations per Levenberg-Marquardt step, at most.
+CG_MAX_ITER = 250
+# The largest relative residual at which conjugate gradients stop (far from a solution).
+CG_TOL = 0.1
+# Near a solution the relative residual must shrink for fast convergence: conjugate gradients
+# stop at min(CG_TOL, relative loss ** FORCING_POWER).
+FORCING_POWER = 0.25
+
+_BYTES = 8  # float64
+
+
+def chunk_rows(n_students: int, layout: Layout) -> int:
+    """Samples per chunk so that one chunk's per-layer tensors hold about ``CHUNK_ELEMENTS``."""
+    units = max(layout.sizes) + sum(layout.widths) + layout.d_out
+    return max(64, CHUNK_ELEMENTS // max(1, n_students * units))
+
+
+def activation_cache_bytes(layout: Layout, n_students: int, n: int) -> int:
+    """Bytes of every hidden layer's activations and slopes on ``n`` samples (the cache)."""
+    return 2 * n_students * n * sum(layout.widths) * _BYTES
+
+
+# ---------------------------------------------------------------------------------------------
+# Products with the Jacobian, one chunk of samples at a time.
+
+def _forward_chunk(weights, biases, activation: Activation, Xc: torch.Tensor):
+    """Post-activations and slopes of every hidden layer, each ``(N, rows, width)``."""
+    posts, slopes = [], []
+    a = Xc
+    for w, b in zip(weights[:-1], biases[:-1]):
+        value, slope = activation.value_and_derivative(a @ w.transpose(1, 2) + b[:, None, :])
+        posts.append(value)
+        slopes.append(slope)
+        a = value
+    return posts, slopes
+
+
+def _output_chunk(weights, biases, skip, posts, Xc):
+    a = posts[-1] if posts else Xc
+    out = a @ weights[-1].transpose(1, 2) + biases[-1][:, None, :]
+    if skip is not None:
+        out = out + Xc @ skip.transpose(1, 2)
+    return out
+
+
+def _jvp_chunk(weights, direction, posts, slopes, Xc):
+    """``J v`` on one chunk, ``(N, rows, d_out)``: forward-mode derivative along ``direction``,
+    given as (weights, biases, skip) views of ``v``."""
+    d_weights, d_biases, d_skip = direction
+    dz = Xc @ d_weights[0].transpose(1, 2) + d_biases[0][:, None, :]
+    for l in range(1, len(weights)):
+        dz = ((slopes[l - 1] * dz) @ weights[l].transpose(1, 2)
+              + posts[l - 1] @ d_weights[l].transpose(1, 2) + d_biases[l][:, None, :])
+    if d_skip is not None:
+        dz = dz + Xc @ d_skip.transpose(1, 2)
+    return dz
+
+
+def _vjp_chunk(layout: Layout, weights, posts, slopes, Xc, u):
+    """``J^T u`` on one chunk, ``(N, P)``: ``u`` ``(N, rows, d_out)`` backpropagated."""
+    n_layers = len(weights)
+    g_weights, g_biases = [None] * n_layers, [None] * n_layers
+    delta = u
+    for l in range(n_layers - 1, -1, -1):
+        a_prev = posts[l - 1] if l else Xc
+        g_weights[l] = delta.transpose(1, 2) @ a_prev
+        g_biases[l] = delta.sum(1)
+        if l:
+            delta = (delta @ weights[l]) * slopes[l - 1]
+    g_skip = u.transpose(1, 2) @ Xc if layout.skip else None
+    return layout.flatten(g_weights, g_biases, g_skip)
+
+
+def _diagonal_chunk(layout: Layout, weights, posts, slopes, Xc):
+    """The diagonal of ``J^T J`` on one chunk, ``(N, P)``: the squared Jacobian entries summed
+    over samples and outputs. ``power[n, j]`` is the squared norm over outputs of the
+    derivatives of the outputs with respect to unit j's pre-activation on sample n."""
+    n_students, rows = weights[0].shape[0], Xc.shape[0]
+    n_layers = len(weights)
+    power = torch.ones(n_students, rows, layout.d_out, dtype=Xc.dtype, device=Xc.device)
+    delta = None  # (N, rows, d_out, width): d out_k / d preact_j, needed below two layers only
+    d_weights, d_biases = [None] * n_layers, [None] * n_layers
+    for l in range(n_layers - 1, -1, -1):
+        a_prev = posts[l - 1] if l else Xc
+        d_weights[l] = power.transpose(1, 2) @ a_prev.square()
+        d_biases[l] = power.sum(1)
+        if l == n_layers - 1 and l:
+            if l > 1:
+                delta = weights[l][:, None] * slopes[l - 1][:, :, None, :]
+            power = slopes[l - 1].square() * weights[l].square().sum(1)[:, None, :]
+        elif l:
+            delta = (delta.flatten(1, 2) @ weights[l]).view(n_students, rows, layout.d_out, -1)
+            delta = delta * slopes[l - 1][:, :, None, :]
+            power = delta.square().sum(2)
+    d_skip = None
+    if layout.skip:
+        d_skip = Xc.square().sum(0).expand(n_students, layout.d_out, layout.d_in)
+    return layout.flatten(d_weights, d_biases, d_skip)
+
+
+class Linearization:
+    """The students at ``theta`` ``(N, P)`` on the queries ``X``: products with their Jacobian.
+
+    Every product takes an optional index ``rows`` of students (a subset of the N, in the order
+    given); the vectors then have one row per index.
+    """
+
+    def __init__(self, theta: torch.Tensor, layout: Layout, activation: Activation,
+                 X: torch.Tensor, cache_bytes: int = ACTIVATION_CACHE_BYTES):
+        self.theta, self.layout, self.activation, self.X = theta, layout, activation, X
+        n_students, n = theta.shape[0], X.shape[0]
+        step = chunk_rows(n_students, layout)
+        self.bounds = [(start, min(start + step, n)) for start in range(0, n, step)]
+        self.cached = activation_cache_bytes(layout, n_students, n) <= cache_bytes
+        self._cache: list | None = None
+        if self.cached:
+            weights, biases, _ = layout.unflatten(theta)
+            self._cache = [_forward_chunk(weights, biases, activation, X[a:b])
+                           for a, b in self.bounds]
+
+    def _chunks(self, rows: torch.Tensor | None):
+        """(chunk of X, weights, biases, skip, posts, slopes) for the chosen students."""
+        theta = self.theta if rows is None else self.theta[rows]
+        weights, biases, skip = self.layout.unflatten(theta)
+        for c, (a, b) in enumerate(self.bounds):
+            Xc = self.X[a:b]
+            if self._cache is None:
+                posts, slopes = _forward_chunk(weights, biases, self.activation, Xc)
+            elif rows is None:
+                posts, slopes = self._cache[c]
+            else:
+                posts, slopes = ([t[rows] for t in part] for part in self._cache[c])
+            yield Xc, weights, biases, skip, posts, slopes
+
+    def outputs(self, rows=None) -> torch.Tensor:
+        """The students' outputs ``(N, n, d_out)``."""
+        return torch.cat([_output_chunk(w, b, s, posts, Xc)
+                          for Xc, w, b, s, posts, _ in self._chunks(rows)], dim=1)
+
+    def jvp(self, v: torch.Tensor, rows=None) -> torch.Tensor:
+        """``J v`` ``(N, n, d_out)`` for directions ``v`` ``(N, P)``."""
+        direction = self.layout.unflatten(v)
+        return torch.cat([_jvp_chunk(w, direction, posts, slopes, Xc)
+                          for Xc, w, _, _, posts, slopes in self._chunks(rows)], dim=1)
+
+    def vjp(self, u: torch.Tensor, rows=None) -> torch.Tensor:
+        """``J^T u`` ``(N, P)`` for output vectors ``u`` ``(N, n, d_out)``."""
+        total = None
+        for (Xc, w, _, _, posts, slopes), (a, b) in zip(self._chunks(rows), self.bounds):
+            part = _vjp_chunk(self.layout, w, posts, slopes, Xc, u[:, a:b])
+            total = part if total is None else total.add_(part)
+        return total
+
+    def gauss_newton(self, v: torch.Tensor, rows=None) -> torch.Tensor:
+        """``J^T J v`` ``(N, P)``, one chunk of samples at a time."""
+        direction = self.layout.unflatten(v)
+        total = None
+        for Xc, w, _, _, posts, slopes in self._chunks(rows):
+            part = _vjp_chunk(self.layout, w, posts, slopes, Xc,
+                              _jvp_chunk(w, direction, posts, slopes, Xc))
+            total = part if total is None else total.add_(part)
+        return total
+
+    def gradient(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``J^T r``, sum of squared residuals) per student, ``r`` the residuals on ``y``."""
+        grad = None
+        sse = torch.zeros(self.theta.shape[0], dtype=self.theta.dtype, device=self.theta.device)
+        for (Xc, w, b, s, posts, slopes), (start, stop) in zip(self._chunks(None), self.bounds):
+            r = _output_chunk(w, b, s, posts, Xc) - y[start:stop]
+            sse += r.square().sum((1, 2))
+            part = _vjp_chunk(self.layout, w, posts, slopes, Xc, r)
+            grad = part if grad is None else grad.add_(part)
+        return grad, sse
+
+    def gauss_newton_diagonal(self) -> torch.Tensor:
+        """The diagonal of ``J^T J`` ``(N, P)`` (squared Jacobian column norms)."""
+        n_students = self.theta.shape[0]
+        sub = max(1, CHUNK_ELEMENTS // max(1, n_students * self.layout.d_out
+                                            * max(self.layout.sizes[1:])))
+        total = None
+        for Xc, w, _, _, posts, slopes in self._chunks(None):
+            for a in range(0, Xc.shape[0], sub):
+                part = _diagonal_chunk(self.layout, w, [t[:, a:a + sub] for t in posts],
+                                       [t[:, a:a + sub] for t in slopes], Xc[a:a + sub])
+                total = part if total is None else total.add_(part)
+        return total
+
+
+def jvp(theta, layout: Layout, activation: Activation, X, v) -> torch.Tensor:
+    """``J v`` ``(N, n, d_out)``: the students' output derivatives along ``v`` ``(N, P)``."""
+    return Linearization(theta, layout, activation, X).jvp(v)
+
+
+def vjp(theta, layout: Layout, activation: Activation, X, u) -> torch.Tensor:
+    """``J^T u`` ``(N, P)`` for output vectors ``u`` ``(N, n, d_out)``."""
+    return Linearization(theta, layout, activation, X).vjp(u)
+
+
+def gauss_newton_product(theta, layout: Layout, activation: Activation, X, v) -> torch.Tensor:
+    """``J^T J v`` ``(N, P)``."""
+    return Linearization(theta, layout, activation, X).gauss_newton(v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conjugate gradients, one system per student.
+
+def conjugate_gradient(product, b: torch.Tensor, shift: torch.Tensor, rtol: torch.Tensor,
+                       max_iter: int, diagonal: torch.Tensor | None = None):
+    """Solve ``(G + shift I) x = b`` per row by (preconditioned) conjugate gradients.
+
+    ``product(v, rows)`` returns ``G v`` for the rows ``rows`` of the batch (``None``: all), G
+    symmetric positive semi-definite; ``shift`` ``(N,)`` is positive. Row i stops when its
+    residual is below ``rtol[i] * |b_i|``, after ``max_iter`` iterations, or when the curvature
+    along its search direction falls below ``shift / 2`` (impossible in exact arithmetic: the
+    precision is lost, and the iterate so far is kept). ``diagonal`` ``(N, P)``: the diagonal
+    of G, for a Jacobi preconditioner. Returns (x, iterations per row).
+    """
+    n = b.shape[0]
+    x = torch.zeros_like(b)
+    r = b.clone()
+    precondition = None if diagonal is None else 1 / (diagonal + shift[:, None])
+    z = r if precondition is None else r * precondition
+    p = z.clone()
+    rz = (r * z).sum(1)
+    target = rtol * b.norm(dim=1)
+    running = r.norm(dim=1) > target
+    iterations = torch.zeros(n, dtype=torch.long, device=b.device)
+    for _ in range(max_iter):
+        rows = running.nonzero().flatten()
+        if len(rows) == 0:
+            break
+        sel = None if len(rows) == n else rows
+        p_r = p[rows]
+        Ap = product(p_r, sel) + shift[rows, None] * p_r
+        curvature = (p_r * Ap).sum(1)
+        lost = ~(curvature > 0.5 * shift[rows] * p_r.square().sum(1))
+        alpha = torch.where(lost, torch.zeros_like(curvature), rz[rows] / curvature)
+        x[rows] += alpha[:, None] * p_r
+        r_r = r[rows] - alpha[:, None] * Ap
+        r[rows] = r_r
+        z_r = r_r if precondition is None else r_r * precondition[rows]
+        rz_new = (r_r * z_r).sum(1)
+        beta = rz_new / rz[rows]
+        p[rows] = z_r + beta[:, None] * p_r
+        rz[rows] = rz_new
+        iterations[rows] += (~lost).long()
+        running[rows] = ~lost & (r_r.norm(dim=1) > target[rows])
+    return x, iterations
+
+
+# ---------------------------------------------------------------------------------------------
+# Levenberg-Marquardt.
+
+@checkpoint.memoize("matfree_lm", lambda out: ({"theta": out[0], "rel": out[1]}, {"it": out[2]}),
+                    lambda saved, info, theta, *a, **k: (saved["theta"].to(theta.device),
+                                                         saved["rel"].to(theta.device), info["it"]))
+def matfree_levenberg_marquardt(theta: torch.Tensor, layout: Layout, activation: Activation,
+                                X: torch.Tensor, y: torch.Tensor, *, max_iter: int = 500,
+                                loss_floor: float = LOSS_FLOOR, patience: int = 40,
+                                min_improvement: float = 1e-3, cg_max_iter: int = CG_MAX_ITER,
+                                cg_tol: float = CG_TOL, precondition: bool = True,
+                                cache_bytes: int = ACTIVATION_CACHE_BYTES, progress: bool = False,
+                                desc: str = "matrix-free levenberg-marquardt", callback=None):
+    """Batched matrix-free Levenberg-Marquardt; returns (theta, relative losses ``(N,)``,
+    iterations used), like :func:`eandc.training.levenberg_marquardt`.
+
+    Per student and iteration, conjugate gradients (at most ``cg_max_iter`` products, relative
+    residual ``min(cg_tol, rel_loss ** FORCING_POWER)``, Jacobi-preconditioned when
+    ``precondition``) solve the damped Gauss-Newton system; the damping follows Nielsen's rule.
+    A student leaves the batch when its relative loss is below ``loss_floor``, when its loss
+    improved by less than a factor ``1 - min_improvement`` over the last ``patience``
+    iterations, or when its damping blows up. ``callback(info)``, when given, is called after
+    every iteration with a dict: ``it``, ``rel`` and ``lam`` (all students' relative losses and
+    damping factors), ``active``
+    (students left), ``cg_iterations`` (per student of this iteration's batch), ``seconds``.
+    """
+    theta = theta.detach().clone()
+    n_students = theta.shape[0]
+    n_rows = X.shape[0] * layout.d_out
+    scale = _target_scale(y) * n_rows  # sse of a relative loss of 1
+    lam = torch.full((n_students,), float("nan"), dtype=theta.dtype, device=theta.device)
+    nu = torch.full_like(lam, 2.0)
+    best = torch.full_like(lam, float("inf"))
+    best_at = torch.zeros(n_students, dtype=torch.long)
+    sse = torch.full_like(lam, float("inf"))
+    active = torch.arange(n_students, device=theta.device)
+    frozen = frozen_parameters(theta, layout)
+    done_iter, saved = 0, checkpoint.loop()  # an interrupted earlier run's state, when resuming
+    if saved.state is not None:
+        state, done_iter = saved.state[0], saved.state[1]["it"]
+        theta, lam, nu, best, sse, active, frozen = (state[k].to(theta.device) for k in (
+            "theta", "lam", "nu", "best", "sse", "active", "frozen"))
+        best_at = state["best_at"]
+    bar = tqdm(total=max_iter, initial=done_iter, desc=desc, disable=not progress, leave=False)
+    it = done_iter
+    for it in range(done_iter + 1, max_iter + 1):
+        start = time.perf_counter()
+        lin = Linearization(theta[active], layout, activation, X, cache_bytes)
+        free = (~frozen[active]).to(theta.dtype)
+        grad, sse_now = lin.gradient(y)
+        grad = grad * free
+        sse[active] = sse_now
+        new = torch.isnan(lam[active])
+        diagonal = None
+        if precondition or new.any():
+            diagonal = lin.gauss_newton_diagonal() * free
+        if new.any():
+            mean_diag = diagonal.sum(1) / free.sum(1).clamp_min(1)
+            lam[active[new]] = 1e-3 * mean_diag[new].clamp_min(1e-300)
+        lam_a = lam[active]
+        rtol = (sse_now / scale).clamp_min(0) ** FORCING_POWER
+        rtol = rtol.clamp(max=cg_tol)
+
+        def product(v, rows, lin=lin, free=free):
+            mask = free if rows is None else free[rows]
+            return lin.gauss_newton(v * mask, rows) * mask
+
+        step, cg_iterations = conjugate_gradient(product, -grad, lam_a, rtol, cg_max_iter,
+                                                 diagonal if precondition else None)
+        ok = torch.isfinite(step).all(1)
+        step = torch.where(ok[:, None], step, torch.zeros_like(step))
+        trial = theta[active] + step
+        sse_trial = student_losses(trial, layout, activation, X, y) * n_rows
+        predicted = -(step * grad).sum(1) + lam_a * step.square().sum(1)
+        gain = (sse_now - sse_trial) / predicted.clamp_min(1e-300)
+        accept = ok & torch.isfinite(sse_trial) & (sse_trial < sse_now)
+        idx = active[accept]
+        theta[idx] = trial[accept]
+        sse[idx] = sse_trial[accept]
+        lam[idx] = lam_a[accept] * torch.clamp(1 - (2 * gain[accept] - 1) ** 3, min=1 / 3)
+        nu[idx] = 2.0
+        rejected = active[~accept]
+        lam[rejected] = lam[rejected] * nu[rejected]
+        nu[rejected] = nu[rejected] * 2
+
+        rel = sse[active] / scale
+        improved = rel < best[active] * (1 - min_improvement)
+        best_at[active[improved].cpu()] = it
+        best[active] = torch.minimum(best[active], rel)
+        done = (rel <= loss_floor) | (it - best_at[active.cpu()].to(active.device) >= patience)
+        done |= ~torch.isfinite(lam[active]) | (lam[active] > 1e20 * lam[active].clamp_min(1).max())
+        log.debug("%s iteration %d: %d students, conjugate-gradient iterations %s, best %.1e, "
+                  "%.2f s", desc, it, len(active), cg_iterations.tolist(), float(best.min()),
+                  time.perf_counter() - start)
+        if callback is not None:
+            callback({"it": it, "rel": (sse / scale).cpu(), "lam": lam.cpu(), "active": len(active),
+                      "cg_iterations": cg_iterations.cpu(),
+                      "seconds": time.perf_counter() - start})
+        active = active[~done]
+        bar.update(1)
+        bar.set_postfix(active=len(active), cg=int(cg_iterations.max()),
+                        best=f"{float(best.min()):.1e}")
+        if len(active) == 0:
+            break
+        if saved.due():  # every variable the loop carries over must be in this state
+            saved.save(dict(theta=theta, lam=lam, nu=nu, best=best, best_at=best_at, sse=sse,
+                            active=active, frozen=frozen), {"it": it})
+    bar.close()
+    rel = student_losses(theta, layout, activation, X, y) / _target_scale(y)
+    return theta, rel, it
