@@ -312,7 +312,8 @@ def matfree_levenberg_marquardt(theta: torch.Tensor, layout: Layout, activation:
                                 min_improvement: float = 1e-3, cg_max_iter: int = CG_MAX_ITER,
                                 cg_tol: float = CG_TOL, precondition: bool = True,
                                 cache_bytes: int = ACTIVATION_CACHE_BYTES, progress: bool = False,
-                                desc: str = "matrix-free levenberg-marquardt", callback=None):
+                                desc: str = "matrix-free levenberg-marquardt", callback=None,
+                                fixed_layers: int = 0):
     """Batched matrix-free Levenberg-Marquardt; returns (theta, relative losses ``(N,)``,
     iterations used), like :func:`eandc.training.levenberg_marquardt`.
 
@@ -336,7 +337,7 @@ def matfree_levenberg_marquardt(theta: torch.Tensor, layout: Layout, activation:
     best_at = torch.zeros(n_students, dtype=torch.long)
     sse = torch.full_like(lam, float("inf"))
     active = torch.arange(n_students, device=theta.device)
-    frozen = frozen_parameters(theta, layout)
+    frozen = frozen_parameters(theta, layout, fixed_layers)
     done_iter, saved = 0, checkpoint.loop()  # an interrupted earlier run's state, when resuming
     if saved.state is not None:
         state, done_iter = saved.state[0], saved.state[1]["it"]

@@ -4,10 +4,18 @@
    (given widths, or found by doubling until the students consistently reach ~zero loss).
 2. **Cluster**, layer by layer: cluster layer l across students, write the clustered layer into
    every student, retrain the students, cluster layer l + 1 from the retrained students.
+   The shared layers stay fixed while the students retrain (our choice; the authors' code
+   trains everything): a student that cannot reach zero loss would otherwise move its shared
+   neurons away, and its next layer's incoming weights would no longer be comparable with the
+   other students'. The final fine-tuning frees every weight.
    Consensus rounds (our addition): before moving on, the clustered neurons are shared with
    every student while each keeps its other neurons free; after retraining, the layer is
    clustered again, and the round is kept if it finds more clusters. Neurons that too few
    students had found precisely (deep networks, weakly determined neurons) are found this way.
+   A layer below the last needs no round when, once shared, it lets ``ceil(gamma N)`` students
+   reach ~zero loss: then it holds every neuron the function needs.
+   Deep students start small and take a longer first-order phase (``DEEP_INIT_SCALE``,
+   ``DEEP_ADAM_STEPS``).
 3. **Reconstruct** at the last hidden layer, align the output bias, fit the linear term where the
    activation's symmetry leaves one, and fine-tune to machine precision.
 4. **Prune** (our addition, on by default): clustering can keep a cluster the function does not
@@ -165,7 +173,7 @@ def find_student_widths(X, y, activation, n_hidden_layers=1, *, n_students=10, s
 def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_widths=None,
                        n_students=10, gamma=0.5, beta=math.pi / 6, seed=0, device=None,
                        progress=True, prune_network=True, feature_mask=None,
-                       consensus_rounds=2, train_options=None, init_scale=None,
+                       consensus_rounds=3, train_options=None, init_scale=None,
                        checkpoint=None) -> ExpandAndClusterResult:
     """Recover a black-box MLP's layer widths and weights from queries (see the module doc).
 
@@ -176,8 +184,10 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
     width until the students consistently reach ~zero loss. ``gamma``, ``beta``: the cluster
     size (fraction of students) and median-angle (radians) thresholds. ``train_options``:
     keyword arguments for :func:`eandc.training.train_students`. ``consensus_rounds``: how many
-    times at most to share the clustered neurons of a layer with every student, retrain, and
-    cluster again, while that finds more clusters (0: the paper's single pass).
+    times at most to share the clustered neurons of a layer with every student, retrain (each
+    time on another subset of the queries), and cluster again, keeping a round that finds more
+    clusters (0: the paper's single pass). A layer below the last skips them when, once shared,
+    it lets at least ``ceil(gamma N)`` students reach ~zero loss.
     ``init_scale``: the students' initial weight scale (:func:`eandc.training.init_students`);
     ``None``: 1 for one hidden layer, ``DEEP_INIT_SCALE`` for deeper students, which also take
     ``DEEP_ADAM_STEPS`` first-order steps unless ``train_options`` says otherwise.
@@ -230,39 +240,60 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
     retrain = dict(options, adam_steps=0)
     for layer in range(n_hidden_layers):
         mask = feature_mask if layer == 0 else None
+        last = layer == n_hidden_layers - 1
         t0 = time.perf_counter()
         clustering = cluster_layer(students, layer, gamma, beta, losses, mask,
                                    converged(losses, needed))
         timings["clustering"] += time.perf_counter() - t0
+
+        def write_and_retrain(students, clustering, losses, layer=layer):
+            t0 = time.perf_counter()
+            shared = write_shared_layer(students, clustering, losses)
+            shared, report = train_students(shared, X, y, seed=seed + layer + 1,
+                                            fixed_layers=layer + 1, **retrain)
+            key = f"retraining layer {layer + 2}"
+            timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+            return shared, report
+
+        # A complete layer lets the students reach ~zero loss once it is shared: no consensus
+        # round is needed then (the last layer has no such test; its rounds are cheap).
+        retrained = None
+        if not last and clustering.width:
+            retrained = write_and_retrain(students, clustering, losses)
+            complete = retrained[1].n_converged(ZERO_LOSS) >= needed
+        else:
+            complete = False
         # students at the loss floor hold every neuron exactly: nothing left to agree on
-        rounds = consensus_rounds if clustering.width and losses.max() > CONSENSUS_MIN_LOSS else 0
-        for _ in range(rounds):
+        rounds = consensus_rounds if clustering.width and losses.max() > CONSENSUS_MIN_LOSS \
+            and not complete else 0
+        improved = False
+        for round_ in range(rounds):
             t0 = time.perf_counter()
             trial = write_shared_layer(students, clustering, losses, keep_free=True)
-            trial, trial_report = train_students(trial, X, y, seed=seed + 101 + layer, **retrain)
+            trial, trial_report = train_students(trial, X, y, seed=seed + 101 + layer + 1009 * round_,
+                                                 fixed_layers=layer, **retrain)
             trial_losses = trial_report.relative_losses
             trial_clustering = cluster_layer(trial, layer, gamma, beta, trial_losses, mask,
                                              converged(trial_losses, needed))
             key = f"consensus layer {layer + 1}"
             timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
-            log.info("layer %d consensus round: %d -> %d clusters", layer + 1, clustering.width,
-                     trial_clustering.width)
-            if trial_clustering.width <= clustering.width:
-                break
-            students, clustering, losses = trial, trial_clustering, trial_losses
-            reports.append(trial_report)
+            log.info("layer %d consensus round %d: %d -> %d clusters", layer + 1, round_ + 1,
+                     clustering.width, trial_clustering.width)
+            if trial_clustering.width > clustering.width:
+                students, clustering, losses = trial, trial_clustering, trial_losses
+                reports.append(trial_report)
+                improved = True
         clusterings.append(clustering)
         if clustering.width == 0:
             raise RuntimeError(f"layer {layer + 1}: no cluster holds neurons of {needed} students with "
                                f"median angle below beta; the students did not agree (losses "
                                f"{format_losses(losses)}). Try wider students.")
-        if layer < n_hidden_layers - 1:
-            t0 = time.perf_counter()
-            students = write_shared_layer(students, clustering, losses)
-            students, report = train_students(students, X, y, seed=seed + layer + 1, **retrain)
+        if not last:
+            if retrained is None or improved:
+                retrained = write_and_retrain(students, clustering, losses)
+            students, report = retrained
             reports.append(report)
             losses = report.relative_losses
-            timings[f"retraining layer {layer + 2}"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     network = assemble_network(students, clusterings[-1], losses)

@@ -157,11 +157,15 @@ def pruned_neurons(theta: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
     return masks
 
 
-def frozen_parameters(theta: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """``(N, P)`` mask of the parameters that belong to pruned neurons."""
+def frozen_parameters(theta: torch.Tensor, layout: Layout, fixed_layers: int = 0) -> torch.Tensor:
+    """``(N, P)`` mask of the parameters that training leaves alone: those of pruned neurons, and
+    the incoming weights and biases of the first ``fixed_layers`` hidden layers."""
     frozen = torch.zeros_like(theta, dtype=torch.bool)
     index = torch.arange(layout.size, device=theta.device)
     w_idx, b_idx, _ = layout.unflatten(index)
+    for l in range(fixed_layers):
+        frozen[:, w_idx[l].flatten()] = True
+        frozen[:, b_idx[l]] = True
     for l, mask in enumerate(pruned_neurons(theta, layout)):
         for s, j in mask.nonzero().tolist():
             frozen[s, w_idx[l][j]] = True
@@ -171,8 +175,8 @@ def frozen_parameters(theta: torch.Tensor, layout: Layout) -> torch.Tensor:
 
 
 def compact_students(theta: torch.Tensor, layout: Layout, activation: Activation, X: torch.Tensor,
-                     y: torch.Tensor, silent_tol: float = 1e-3,
-                     duplicate_tol: float = 1e-3) -> tuple[torch.Tensor, int]:
+                     y: torch.Tensor, silent_tol: float = 1e-3, duplicate_tol: float = 1e-3,
+                     fixed_layers: int = 0) -> tuple[torch.Tensor, int]:
     """Prune, inside each student, the neurons its function hardly uses; return (theta, count).
 
     A neuron is *silent* when its outgoing contribution (norm of its outgoing weights times the
@@ -195,6 +199,9 @@ def compact_students(theta: torch.Tensor, layout: Layout, activation: Activation
         a = X
         for l in range(layout.n_layers - 1):
             w, b, w_next, b_next = weights[l][s], biases[l][s], weights[l + 1][s], biases[l + 1][s]
+            if l < fixed_layers:  # a shared layer: left as it is
+                a = activation(a @ w.T + b)
+                continue
             alive = ~(((w == 0).all(1) & (b == 0)) & (w_next == 0).all(0))
             h = activation(a @ w.T + b)
             silent = alive & (w_next.norm(dim=0) * h.std(0) < silent_tol * target_std)
@@ -292,7 +299,7 @@ class TrainingReport:
                     lambda saved, info, theta, *a, **k: saved["theta"].to(theta.device))
 def adam_phase(theta: torch.Tensor, layout: Layout, activation: Activation, X: torch.Tensor,
                y: torch.Tensor, steps: int, lr: float = 3e-3, progress: bool = False,
-               gradient: str = "fused") -> torch.Tensor:
+               gradient: str = "fused", fixed_layers: int = 0) -> torch.Tensor:
     """``steps`` full-batch Adam steps on the sum of the students' losses (each its own gradient).
 
     ``gradient``: ``"fused"`` (analytic, :func:`eandc.fast.loss_and_gradient`, 2-2.5x faster on
@@ -301,6 +308,7 @@ def adam_phase(theta: torch.Tensor, layout: Layout, activation: Activation, X: t
     """
     if gradient not in GRADIENTS:
         raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
+    fixed = frozen_parameters(theta, layout, fixed_layers) if fixed_layers else None
     theta = theta.detach().clone().requires_grad_(True)
     optimizer = torch.optim.Adam([theta], lr=lr)
     start, saved = 0, checkpoint.loop()  # an interrupted earlier run's state, when resuming
@@ -317,6 +325,8 @@ def adam_phase(theta: torch.Tensor, layout: Layout, activation: Activation, X: t
         else:
             theta.grad = loss_and_gradient(theta, layout, activation, X, y,
                                            compiled=gradient == "compiled")[1]
+        if fixed is not None:
+            theta.grad.masked_fill_(fixed, 0.0)  # Adam then leaves these entries unchanged
         optimizer.step()
         if saved.due():
             saved.save(dict(checkpoint.adam_state(optimizer, theta), theta=theta), {"step": step + 1})
@@ -330,8 +340,9 @@ def levenberg_marquardt(theta: torch.Tensor, layout: Layout, activation: Activat
                         X: torch.Tensor, y: torch.Tensor, *, max_iter: int = 500,
                         loss_floor: float = LOSS_FLOOR, patience: int = 40,
                         min_improvement: float = 1e-3, progress: bool = False,
-                        desc: str = "levenberg-marquardt"):
+                        desc: str = "levenberg-marquardt", fixed_layers: int = 0):
     """Batched Levenberg-Marquardt; returns (theta, relative losses ``(N,)``, iterations used).
+    Pruned neurons and the first ``fixed_layers`` hidden layers stay as they are.
 
     Per student: damping ``lam`` updated by Nielsen's rule; the student leaves the batch when
     its relative loss is below ``loss_floor``, when its loss improved by less than a factor
@@ -347,7 +358,7 @@ def levenberg_marquardt(theta: torch.Tensor, layout: Layout, activation: Activat
     sse = torch.full_like(lam, float("inf"))
     active = torch.arange(n_students, device=theta.device)
     eye = torch.eye(n_params, dtype=theta.dtype, device=theta.device)
-    frozen = frozen_parameters(theta, layout)
+    frozen = frozen_parameters(theta, layout, fixed_layers)
     done_iter, saved = 0, checkpoint.loop()  # an interrupted earlier run's state, when resuming
     if saved.state is not None:
         state, done_iter = saved.state[0], saved.state[1]["it"]
@@ -437,15 +448,16 @@ def choose_finisher(layout: Layout, n_students: int, n: int, subset_rows: int, d
 def train_students(students: StudentBatch, X: torch.Tensor, y: torch.Tensor, *,
                    adam_steps: int = 300, adam_lr: float = 3e-3, subset_rows: int | None = None,
                    max_iter: int = 400, polish_iter: int = 100, compaction_rounds: int = 3,
-                   seed: int = 0, finisher: str = "auto",
+                   seed: int = 0, finisher: str = "auto", fixed_layers: int = 0,
                    progress: bool = False) -> tuple[StudentBatch, TrainingReport]:
     """Train every student of the batch on (X, y): Adam and LM on a subset, then LM on all rows.
 
     ``subset_rows`` defaults to ``max(1000, 10 P)`` rows (all of them when there are fewer).
     ``finisher``: the Levenberg-Marquardt variant, ``"dense"`` (:func:`levenberg_marquardt`),
     ``"matfree"`` (:func:`eandc.matfree.matfree_levenberg_marquardt`) or ``"auto"`` (see
-    :func:`choose_finisher`). Returns the trained batch and a :class:`TrainingReport` with
-    relative losses on all of X.
+    :func:`choose_finisher`). ``fixed_layers``: how many hidden layers, from the input, stay as
+    they are (layers already clustered and shared by every student). Returns the trained batch
+    and a :class:`TrainingReport` with relative losses on all of X.
     """
     layout, activation = students.layout, students.activation
     n = X.shape[0]
@@ -470,25 +482,27 @@ def train_students(students: StudentBatch, X: torch.Tensor, y: torch.Tensor, *,
         Xs, ys = X, y
     t0 = time.perf_counter()
     if adam_steps:
-        theta = adam_phase(theta, layout, activation, Xs, ys, adam_steps, adam_lr, progress)
+        theta = adam_phase(theta, layout, activation, Xs, ys, adam_steps, adam_lr, progress,
+                           fixed_layers=fixed_layers)
     seconds["adam"] = time.perf_counter() - t0
     iterations["adam"] = adam_steps
 
     t0 = time.perf_counter()
     theta, rel, iterations["lm_subset"] = finish(
         theta, layout, activation, Xs, ys, max_iter=max_iter, progress=progress,
-        desc=f"{name} (subset)" if Xs is not X else name)
+        fixed_layers=fixed_layers, desc=f"{name} (subset)" if Xs is not X else name)
     for tol in COMPACTION_TOLERANCES[:compaction_rounds]:
         candidates = torch.nonzero((rel > LOSS_FLOOR) & (rel < COMPACTION_MAX_LOSS)).flatten()
         if len(candidates) == 0:
             break
         compact, removed = compact_students(theta[candidates], layout, activation, Xs, ys,
-                                            silent_tol=tol, duplicate_tol=tol)
+                                            silent_tol=tol, duplicate_tol=tol,
+                                            fixed_layers=fixed_layers)
         if removed == 0:
             continue
         compact, rel_compact, it = finish(
             compact, layout, activation, Xs, ys, max_iter=max_iter, progress=progress,
-            desc=f"{name} (compacted)")
+            fixed_layers=fixed_layers, desc=f"{name} (compacted)")
         iterations["lm_subset"] += it
         better = rel_compact <= torch.clamp(10 * rel[candidates], min=1e-20)
         theta[candidates[better]] = compact[better]
@@ -500,7 +514,7 @@ def train_students(students: StudentBatch, X: torch.Tensor, y: torch.Tensor, *,
         t0 = time.perf_counter()
         theta, rel, iterations["lm_all"] = finish(
             theta, layout, activation, X, y, max_iter=polish_iter, patience=10,
-            progress=progress, desc=f"{name} (all rows)")
+            fixed_layers=fixed_layers, progress=progress, desc=f"{name} (all rows)")
         seconds["lm_all"] = time.perf_counter() - t0
     log.info("trained %d students (%s finisher): relative losses %s", len(rel), finisher,
              format_losses(rel.cpu().numpy()))

@@ -1,8 +1,9 @@
 """End to end on CPU: random teachers are recovered exactly (the core issue's acceptance test).
 
 Teachers come from ``eandc.random_teacher`` (documented recipe) with seed 1; 10,000 Gaussian
-queries; 10 students 16 wide. ``benchmarks/recovery_sweep.py`` measures the same protocol over
-many seeds, where some teachers hold neurons the queries barely determine.
+queries; 10 students 16 wide (16-12 for the deep 2-4-3-1 teacher). ``benchmarks/recovery_sweep.py``
+measures the same protocol over many seeds, where some teachers hold neurons the queries barely
+determine.
 """
 
 import pytest
@@ -29,6 +30,15 @@ def test_shallow_teacher_is_recovered_exactly(activation):
     assert result.final_loss < 1e-20
     assert len(result.student_losses[0]) == 10
     assert {"expansion", "clustering", "reconstruction"} <= set(result.timings)
+
+
+def test_deep_teacher_is_recovered_layer_by_layer():
+    result, comparison = recover("g", [4, 3], [16, 12])
+    assert result.widths == [4, 3], result.summary()
+    assert comparison.max_distance <= 1e-8, comparison.summary()
+    assert comparison.relative_rmse <= 1e-9, comparison.summary()
+    assert result.final_loss < 1e-20
+    assert "retraining layer 2" in result.timings  # layer 2 was clustered from retrained students
 
 
 def test_student_width_is_found_by_doubling_when_not_given():

@@ -96,3 +96,20 @@ def test_students_are_deterministic_for_a_seed():
     runs = [train_students(init_students(Layout(2, (4,), 1), teacher.activation, 3, y, seed=5), X, y,
                            adam_steps=50, max_iter=30, polish_iter=5)[0].theta for _ in range(2)]
     assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("finisher", ["dense", "matfree"])
+def test_fixed_layers_stay_bitwise_unchanged_while_the_rest_trains(finisher):
+    teacher = random_teacher(2, [3, 2], activation="g", seed=0)
+    X = torch.as_tensor(gaussian_inputs(600, 2, seed=1))
+    y = teacher(X)
+    layout = Layout(2, (4, 3), 1)
+    students = init_students(layout, teacher.activation, 3, y, seed=2, scale=0.3)
+    trained, report = train_students(students, X, y, adam_steps=20, max_iter=15, polish_iter=0,
+                                     compaction_rounds=3, fixed_layers=1, finisher=finisher)
+    w0, b0, _ = layout.unflatten(students.theta)
+    w1, b1, _ = layout.unflatten(trained.theta)
+    assert torch.equal(w1[0], w0[0]) and torch.equal(b1[0], b0[0])
+    assert not torch.equal(w1[1], w0[1]) and not torch.equal(w1[2], w0[2])
+    free = ~frozen_parameters(students.theta, layout, fixed_layers=1)
+    assert int(free.sum()) == 3 * (layout.size - 4 * 3)
