@@ -38,7 +38,14 @@ from tqdm.auto import tqdm
 from . import checkpoint
 from .activations import Activation
 from .mlp import Layout
-from .training import LOSS_FLOOR, _target_scale, frozen_parameters, student_losses
+from .training import (
+    LOSS_FLOOR,
+    _target_scale,
+    accept_or_damp,
+    finished,
+    frozen_parameters,
+    student_losses,
+)
 
 __all__ = ["Linearization", "jvp", "vjp", "gauss_newton_product", "conjugate_gradient",
            "matfree_levenberg_marquardt", "activation_cache_bytes", "chunk_rows"]
@@ -374,24 +381,9 @@ def matfree_levenberg_marquardt(theta: torch.Tensor, layout: Layout, activation:
         step = torch.where(ok[:, None], step, torch.zeros_like(step))
         trial = theta[active] + step
         sse_trial = student_losses(trial, layout, activation, X, y) * n_rows
-        predicted = -(step * grad).sum(1) + lam_a * step.square().sum(1)
-        gain = (sse_now - sse_trial) / predicted.clamp_min(1e-300)
-        accept = ok & torch.isfinite(sse_trial) & (sse_trial < sse_now)
-        idx = active[accept]
-        theta[idx] = trial[accept]
-        sse[idx] = sse_trial[accept]
-        lam[idx] = lam_a[accept] * torch.clamp(1 - (2 * gain[accept] - 1) ** 3, min=1 / 3)
-        nu[idx] = 2.0
-        rejected = active[~accept]
-        lam[rejected] = lam[rejected] * nu[rejected]
-        nu[rejected] = nu[rejected] * 2
-
-        rel = sse[active] / scale
-        improved = rel < best[active] * (1 - min_improvement)
-        best_at[active[improved].cpu()] = it
-        best[active] = torch.minimum(best[active], rel)
-        done = (rel <= loss_floor) | (it - best_at[active.cpu()].to(active.device) >= patience)
-        done |= ~torch.isfinite(lam[active]) | (lam[active] > 1e20 * lam[active].clamp_min(1).max())
+        accept_or_damp(theta, sse, lam, nu, active, trial, step, grad, ok, sse_now, sse_trial)
+        done = finished(sse, lam, best, best_at, active, it, scale, loss_floor, patience,
+                        min_improvement)
         log.debug("%s iteration %d: %d students, conjugate-gradient iterations %s, best %.1e, "
                   "%.2f s", desc, it, len(active), cg_iterations.tolist(), float(best.min()),
                   time.perf_counter() - start)

@@ -333,6 +333,35 @@ def adam_phase(theta: torch.Tensor, layout: Layout, activation: Activation, X: t
     return theta.detach()
 
 
+def accept_or_damp(theta, sse, lam, nu, active, trial, step, grad, ok, sse_now, sse_trial):
+    """One Levenberg-Marquardt decision per active student, in place: a step that lowers the
+    loss is taken and the damping eased by Nielsen's rule; otherwise the damping grows."""
+    lam_a = lam[active]
+    predicted = -(step * grad).sum(1) + lam_a * step.square().sum(1)
+    gain = (sse_now - sse_trial) / predicted.clamp_min(1e-300)
+    accept = ok & torch.isfinite(sse_trial) & (sse_trial < sse_now)
+    idx = active[accept]
+    theta[idx] = trial[accept]
+    sse[idx] = sse_trial[accept]
+    lam[idx] = lam_a[accept] * torch.clamp(1 - (2 * gain[accept] - 1) ** 3, min=1 / 3)
+    nu[idx] = 2.0
+    rejected = active[~accept]
+    lam[rejected] = lam[rejected] * nu[rejected]
+    nu[rejected] = nu[rejected] * 2
+
+
+def finished(sse, lam, best, best_at, active, it, scale, loss_floor, patience, min_improvement):
+    """Which active students stop: at the loss floor, without progress for ``patience``
+    iterations (``best``/``best_at`` are updated in place), or with a blown-up damping."""
+    rel = sse[active] / scale
+    improved = rel < best[active] * (1 - min_improvement)
+    best_at[active[improved].cpu()] = it
+    best[active] = torch.minimum(best[active], rel)
+    done = (rel <= loss_floor) | (it - best_at[active.cpu()].to(active.device) >= patience)
+    done |= ~torch.isfinite(lam[active]) | (lam[active] > 1e20 * lam[active].clamp_min(1).max())
+    return done
+
+
 @checkpoint.memoize("lm", lambda out: ({"theta": out[0], "rel": out[1]}, {"it": out[2]}),
                     lambda saved, info, theta, *a, **k: (saved["theta"].to(theta.device),
                                                          saved["rel"].to(theta.device), info["it"]))
@@ -387,24 +416,9 @@ def levenberg_marquardt(theta: torch.Tensor, layout: Layout, activation: Activat
             step[ok] = -torch.cholesky_solve(grad[ok].unsqueeze(-1), chol[ok]).squeeze(-1)
         trial = theta[active] + step
         sse_trial = student_losses(trial, layout, activation, X, y) * X.shape[0] * layout.d_out
-        predicted = -(step * grad).sum(1) + lam_a * step.square().sum(1)
-        gain = (sse_now - sse_trial) / predicted.clamp_min(1e-300)
-        accept = ok & torch.isfinite(sse_trial) & (sse_trial < sse_now)
-        idx = active[accept]
-        theta[idx] = trial[accept]
-        sse[idx] = sse_trial[accept]
-        lam[idx] = lam_a[accept] * torch.clamp(1 - (2 * gain[accept] - 1) ** 3, min=1 / 3)
-        nu[idx] = 2.0
-        rejected = active[~accept]
-        lam[rejected] = lam[rejected] * nu[rejected]
-        nu[rejected] = nu[rejected] * 2
-
-        rel = sse[active] / scale
-        improved = rel < best[active] * (1 - min_improvement)
-        best_at[active[improved].cpu()] = it
-        best[active] = torch.minimum(best[active], rel)
-        done = (rel <= loss_floor) | (it - best_at[active.cpu()].to(active.device) >= patience)
-        done |= ~torch.isfinite(lam[active]) | (lam[active] > 1e20 * lam[active].clamp_min(1).max())
+        accept_or_damp(theta, sse, lam, nu, active, trial, step, grad, ok, sse_now, sse_trial)
+        done = finished(sse, lam, best, best_at, active, it, scale, loss_floor, patience,
+                        min_improvement)
         active = active[~done]
         bar.update(1)
         bar.set_postfix(active=len(active), best=f"{float(best.min()):.1e}")
