@@ -39,11 +39,12 @@ from . import checkpoint
 from .activations import Activation
 from .mlp import Layout
 from .training import (
+    LM_STATE,
     LOSS_FLOOR,
     _target_scale,
     accept_or_damp,
     finished,
-    frozen_parameters,
+    lm_loop_state,
     student_losses,
 )
 
@@ -335,22 +336,10 @@ def matfree_levenberg_marquardt(theta: torch.Tensor, layout: Layout, activation:
     (students left), ``cg_iterations`` (per student of this iteration's batch), ``seconds``.
     """
     theta = theta.detach().clone()
-    n_students = theta.shape[0]
     n_rows = X.shape[0] * layout.d_out
     scale = _target_scale(y) * n_rows  # sse of a relative loss of 1
-    lam = torch.full((n_students,), float("nan"), dtype=theta.dtype, device=theta.device)
-    nu = torch.full_like(lam, 2.0)
-    best = torch.full_like(lam, float("inf"))
-    best_at = torch.zeros(n_students, dtype=torch.long)
-    sse = torch.full_like(lam, float("inf"))
-    active = torch.arange(n_students, device=theta.device)
-    frozen = frozen_parameters(theta, layout, fixed_layers)
-    done_iter, saved = 0, checkpoint.loop()  # an interrupted earlier run's state, when resuming
-    if saved.state is not None:
-        state, done_iter = saved.state[0], saved.state[1]["it"]
-        theta, lam, nu, best, sse, active, frozen = (state[k].to(theta.device) for k in (
-            "theta", "lam", "nu", "best", "sse", "active", "frozen"))
-        best_at = state["best_at"]
+    state, done_iter, saved = lm_loop_state(theta, layout, fixed_layers)
+    theta, lam, nu, best, best_at, sse, active, frozen = (state[k] for k in LM_STATE)
     bar = tqdm(total=max_iter, initial=done_iter, desc=desc, disable=not progress, leave=False)
     it = done_iter
     for it in range(done_iter + 1, max_iter + 1):

@@ -333,6 +333,29 @@ def adam_phase(theta: torch.Tensor, layout: Layout, activation: Activation, X: t
     return theta.detach()
 
 
+LM_STATE = ("theta", "lam", "nu", "best", "best_at", "sse", "active", "frozen")
+
+
+def lm_loop_state(theta, layout, fixed_layers):
+    """(state, iterations done, checkpoint loop) of a Levenberg-Marquardt run: the state
+    (``LM_STATE``: parameters, damping and its factor, best loss and when, current loss, active
+    students, frozen parameters) fresh, or an interrupted earlier run's when resuming."""
+    n_students = theta.shape[0]
+    lam = torch.full((n_students,), float("nan"), dtype=theta.dtype, device=theta.device)
+    state = dict(theta=theta, lam=lam, nu=torch.full_like(lam, 2.0),
+                 best=torch.full_like(lam, float("inf")),
+                 best_at=torch.zeros(n_students, dtype=torch.long),
+                 sse=torch.full_like(lam, float("inf")),
+                 active=torch.arange(n_students, device=theta.device),
+                 frozen=frozen_parameters(theta, layout, fixed_layers))
+    done_iter, saved = 0, checkpoint.loop()
+    if saved.state is not None:
+        loaded, done_iter = saved.state[0], saved.state[1]["it"]
+        state.update({k: loaded[k].to(theta.device) for k in LM_STATE if k != "best_at"})
+        state["best_at"] = loaded["best_at"]
+    return state, done_iter, saved
+
+
 def accept_or_damp(theta, sse, lam, nu, active, trial, step, grad, ok, sse_now, sse_trial):
     """One Levenberg-Marquardt decision per active student, in place: a step that lowers the
     loss is taken and the damping eased by Nielsen's rule; otherwise the damping grows."""
@@ -380,20 +403,9 @@ def levenberg_marquardt(theta: torch.Tensor, layout: Layout, activation: Activat
     theta = theta.detach().clone()
     n_students, n_params = theta.shape
     scale = _target_scale(y) * X.shape[0] * layout.d_out  # sse of a relative loss of 1
-    lam = torch.full((n_students,), float("nan"), dtype=theta.dtype, device=theta.device)
-    nu = torch.full_like(lam, 2.0)
-    best = torch.full_like(lam, float("inf"))
-    best_at = torch.zeros(n_students, dtype=torch.long)
-    sse = torch.full_like(lam, float("inf"))
-    active = torch.arange(n_students, device=theta.device)
     eye = torch.eye(n_params, dtype=theta.dtype, device=theta.device)
-    frozen = frozen_parameters(theta, layout, fixed_layers)
-    done_iter, saved = 0, checkpoint.loop()  # an interrupted earlier run's state, when resuming
-    if saved.state is not None:
-        state, done_iter = saved.state[0], saved.state[1]["it"]
-        theta, lam, nu, best, sse, active, frozen = (state[k].to(theta.device) for k in (
-            "theta", "lam", "nu", "best", "sse", "active", "frozen"))
-        best_at = state["best_at"]
+    state, done_iter, saved = lm_loop_state(theta, layout, fixed_layers)
+    theta, lam, nu, best, best_at, sse, active, frozen = (state[k] for k in LM_STATE)
     bar = tqdm(total=max_iter, initial=done_iter, desc=desc, disable=not progress, leave=False)
     it = done_iter
     for it in range(done_iter + 1, max_iter + 1):
