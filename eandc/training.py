@@ -188,7 +188,8 @@ def compact_students(theta: torch.Tensor, layout: Layout, activation: Activation
     second order), carrying the sum of their outgoing weights with the symmetry's sign, scale
     and constant corrections. A pruned neuron's weights become exact zeros, which later
     training keeps frozen. The caller checks the result by retraining (it may be wrong when two
-    teacher neurons are closer than ``duplicate_tol``).
+    teacher neurons are closer than ``duplicate_tol``). The first ``fixed_layers`` hidden layers
+    (shared by every student) are left as they are.
     """
     theta = theta.detach().clone()
     weights, biases, skip = layout.unflatten(theta)  # views: edits below write into theta
