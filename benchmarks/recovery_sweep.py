@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 import eandc
+from eandc.recover import NoClusterError
 
 
 def _seeds(text: str) -> list[int]:
@@ -50,7 +51,7 @@ def main() -> None:
                                                   n_hidden_layers=len(widths),
                                                   student_widths=[args.rho * w for w in widths],
                                                   seed=seed, progress=False)
-            except RuntimeError as error:  # no cluster survived: a failed recovery, recorded
+            except NoClusterError as error:  # no cluster survived: a failed recovery, recorded
                 seconds = time.perf_counter() - start
                 rows.append(dict(activation=activation, seed=seed, success=False, error=str(error),
                                  seconds=round(seconds, 2)))

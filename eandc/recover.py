@@ -12,8 +12,9 @@
    every student while each keeps its other neurons free; after retraining, the layer is
    clustered again, and the round is kept if it finds more clusters. Neurons that too few
    students had found precisely (deep networks, weakly determined neurons) are found this way.
-   A layer below the last needs no round when, once shared, it lets ``ceil(gamma N)`` students
-   reach ~zero loss: then it holds every neuron the function needs.
+   A complete layer needs no round: below the last, when once shared it lets ``ceil(gamma N)``
+   students reach ~zero loss; the last, when the network reconstructed from its clusters is
+   exact (fine-tuned relative loss below ``EXACT_LOSS``), checked again after each round.
    Deep students start small and take a longer first-order phase (``DEEP_INIT_SCALE``,
    ``DEEP_ADAM_STEPS``).
 3. **Reconstruct** at the last hidden layer, align the output bias, fit the linear term where the
@@ -51,7 +52,8 @@ from .teachers import check_inputs
 from .teachers import query as query_teacher
 from .training import TrainingReport, format_losses, init_students, train_students
 
-__all__ = ["expand_and_cluster", "ExpandAndClusterResult", "find_student_widths"]
+__all__ = ["expand_and_cluster", "ExpandAndClusterResult", "find_student_widths",
+           "NoClusterError"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,18 @@ ZERO_LOSS = 1e-8  # relative loss that counts as "~zero" when choosing the stude
 DEEP_INIT_SCALE = 0.3
 DEEP_ADAM_STEPS = 1500
 CONSENSUS_MIN_LOSS = 1e-20  # consensus rounds run only while some student is above this loss
+# A network reconstructed from the last layer's clusters is exact when its fine-tuned relative loss
+# is below this: the last layer then needs no consensus round.
+EXACT_LOSS = 1e-20
+
+
+class NoClusterError(RuntimeError):
+    """No cluster of a layer passed the gamma and beta tests: nothing to reconstruct.
+    ``student_losses``: the students' relative losses after each training round so far."""
+
+    def __init__(self, message: str, student_losses):
+        super().__init__(message)
+        self.student_losses = student_losses
 
 
 @dataclass
@@ -170,6 +184,16 @@ def find_student_widths(X, y, activation, n_hidden_layers=1, *, n_students=10, s
         width *= 2
 
 
+def _reconstruct(students, clustering, losses, X, y, act, progress):
+    """The network of the clustered last layer: assembled, output bias aligned, linear term fitted
+    where the activation leaves one, fine-tuned. Returns (network, relative loss)."""
+    network = assemble_network(students, clustering, losses)
+    network = align_output_bias(network, X, y)
+    if act.leaves_linear_term:
+        network = fit_linear_term(network, X, y)
+    return finetune(network, X, y, progress=progress)
+
+
 def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_widths=None,
                        n_students=10, gamma=0.5, beta=math.pi / 6, seed=0, device=None,
                        progress=True, prune_network=True, feature_mask=None,
@@ -255,14 +279,25 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
             timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
             return shared, report
 
-        # A complete layer lets the students reach ~zero loss once it is shared: no consensus
-        # round is needed then (the last layer has no such test; its rounds are cheap).
-        retrained = None
-        if not last and clustering.width:
+        def reconstruct(students, clustering, losses):
+            t0 = time.perf_counter()
+            network, loss = _reconstruct(students, clustering, losses, X, y, act,
+                                         options["progress"])
+            timings["reconstruction"] = timings.get("reconstruction", 0.0) + \
+                time.perf_counter() - t0
+            return network, loss
+
+        # A complete layer needs no consensus round: below the last, it lets the students reach
+        # ~zero loss once it is shared; the last layer, the network reconstructed from it is
+        # exact.
+        retrained = reconstructed = None
+        complete = False
+        if clustering.width and not last:
             retrained = write_and_retrain(students, clustering, losses)
             complete = retrained[1].n_converged(ZERO_LOSS) >= needed
-        else:
-            complete = False
+        elif clustering.width:
+            reconstructed = reconstruct(students, clustering, losses)
+            complete = reconstructed[1] <= EXACT_LOSS
         # students at the loss floor hold every neuron exactly: nothing left to agree on
         rounds = consensus_rounds if clustering.width and losses.max() > CONSENSUS_MIN_LOSS \
             and not complete else 0
@@ -283,11 +318,18 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
                 students, clustering, losses = trial, trial_clustering, trial_losses
                 reports.append(trial_report)
                 improved = True
+                if last:
+                    reconstructed = reconstruct(students, clustering, losses)
+                    if reconstructed[1] <= EXACT_LOSS:
+                        break
         clusterings.append(clustering)
         if clustering.width == 0:
-            raise RuntimeError(f"layer {layer + 1}: no cluster holds neurons of {needed} students with "
-                               f"median angle below beta; the students did not agree (losses "
-                               f"{format_losses(losses)}). Try wider students.")
+            raise NoClusterError(
+                f"layer {layer + 1}: no cluster holds neurons of {needed} students with median "
+                f"angle below beta; the students did not agree (losses {format_losses(losses)}). "
+                "Try wider students.", [r.relative_losses for r in reports])
+        if last and reconstructed is None:
+            reconstructed = reconstruct(students, clustering, losses)
         if not last:
             if retrained is None or improved:
                 retrained = write_and_retrain(students, clustering, losses)
@@ -295,13 +337,7 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
             reports.append(report)
             losses = report.relative_losses
 
-    t0 = time.perf_counter()
-    network = assemble_network(students, clusterings[-1], losses)
-    network = align_output_bias(network, X, y)
-    if act.leaves_linear_term:
-        network = fit_linear_term(network, X, y)
-    network, final_loss = finetune(network, X, y, progress=options["progress"])
-    timings["reconstruction"] = time.perf_counter() - t0
+    network, final_loss = reconstructed  # the last layer's clustering, reconstructed
     notes = []
     clustered_widths = [c.width for c in clusterings]
     if prune_network:

@@ -18,12 +18,14 @@ It holds plain files, never pickles:
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import json
 import logging
 import math
 import os
 import platform
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,13 +91,31 @@ def check_writable(folder: str | os.PathLike, create: bool = True) -> Path:
     return folder
 
 
+@functools.lru_cache(maxsize=1)
+def source_commit() -> str | None:
+    """The git commit of the ``eandc`` source in use, with ``+dirty`` when the package's files
+    differ from it; ``None`` outside a git checkout."""
+    folder = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True,
+                                text=True, timeout=10)
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=folder,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def machine() -> dict:
-    """Where a result was computed: host, platform, processor, threads, versions."""
+    """Where a result was computed: host, platform, processor, threads, versions, commit."""
     from . import __version__
     return {"host": platform.node(), "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "python": sys.version.split()[0],
-            "torch": torch.__version__, "numpy": np.__version__, "eandc": __version__}
+            "torch": torch.__version__, "numpy": np.__version__, "eandc": __version__,
+            "commit": source_commit()}
 
 
 @dataclass

@@ -123,8 +123,7 @@ def recover_random_teacher(config: dict, checkpoint: Checkpoint | None = None):
     ``rho`` x the teacher's widths unless ``student_widths`` is given. Returns (metrics,
     network); a recovery in which no cluster survives is a result too (``success`` False)."""
     from .compare import compare
-    from .recover import expand_and_cluster
-    from .resources import ResourceError
+    from .recover import NoClusterError, expand_and_cluster
     from .teachers import gaussian_inputs, random_teacher
 
     c = _normalize_random_teacher(config)
@@ -137,10 +136,10 @@ def recover_random_teacher(config: dict, checkpoint: Checkpoint | None = None):
                                     gamma=c["gamma"], beta=c["beta"], seed=c["seed"],
                                     progress=False, train_options=c["train_options"],
                                     checkpoint=checkpoint)
-    except ResourceError:
-        raise
-    except RuntimeError as error:  # no cluster survived: a failed recovery, recorded as such
-        return {"success": False, "error": str(error), "student_widths": student_widths}, None
+    except NoClusterError as error:  # no cluster survived: a failed recovery, recorded as such
+        return {"success": False, "error": str(error), "student_widths": student_widths,
+                "widths": [0] * len(c["widths"]),
+                "student_losses": [float(v) for v in error.student_losses[0]]}, None
     comparison = compare(teacher, result.network,
                          gaussian_inputs(c["n_held_out"], c["d_in"], seed=c["seed"] + 2))
     metrics = dict(comparison.to_dict(), success=comparison.exact(c["distance_tol"], c["rmse_tol"]),
@@ -246,11 +245,13 @@ def _write_summary(path: Path, rows: list[dict]) -> None:
 def run_sweep(configs: list[dict], task=DEFAULT_TASK, *, kind: str = "sweep",
               root: str | os.PathLike = "results", executor: cf.Executor | None = None,
               workers: int | None = None, progress: bool = True,
-              checkpoint_interval: float = 60.0, threads: int = 1) -> list[dict]:
+              checkpoint_interval: float = 60.0, threads: int = 1,
+              summary: str | None = "summary.csv") -> list[dict]:
     """Run ``task`` on every configuration (see the module doc); return one row per
     configuration, in order: ``hash``, ``status`` (``computed``, ``cached`` or ``failed``),
     ``config``, ``metrics``, ``wall_seconds``, ``error``, ``folder``. Writes
-    ``<root>/<kind>/summary.csv``. A failing task does not stop the others."""
+    ``<root>/<kind>/<summary>`` (``summary=None``: no table). A failing task does not stop the
+    others."""
     fn = _resolve(task)
     name = _task_name(task)
     normalize = getattr(fn, "normalize", lambda c: dict(c))
@@ -299,6 +300,7 @@ def run_sweep(configs: list[dict], task=DEFAULT_TASK, *, kind: str = "sweep",
         if row["hash"] in done:
             outcome = done[row["hash"]]
             row.update({k: v for k, v in outcome.items() if k != "hash"})
-    _write_summary(root / kind / "summary.csv", rows)
+    if summary:
+        _write_summary(root / kind / summary, rows)
     return rows
 
