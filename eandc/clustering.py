@@ -20,7 +20,10 @@ clusters that would also pass the angle test (:func:`choose_cut`); drop
 smaller clusters; drop clusters whose median pairwise angle exceeds ``beta``. Each kept cluster
 is one neuron of the recovered layer. Its *core*, the members within ``beta`` of its medoid, is
 what reconstruction reads: average linkage can attach a stray neuron to a tight cluster without
-moving its median angle.
+moving its median angle. Average linkage can also attach so many stray neurons (of students
+that converged to another near-solution) that the median angle fails: such a cluster is kept
+when its tight group alone (:func:`dense_core`) holds ``ceil(gamma N)`` students and passes the
+angle test (our addition), and that group is its core.
 
 Counting distinct students rather than members matters: a student that splits one teacher
 neuron into duplicates would otherwise inflate a cluster's size. Stability matters too: when
@@ -119,10 +122,12 @@ def silent_neurons(students: StudentBatch, layer: int, tol: float = 1e-9) -> np.
     """``(N, width)`` mask of neurons that contribute nothing to their student's output.
 
     A neuron is silent when its outgoing weights vanish (below ``tol`` times the student's
-    largest), or when it belongs to a group of coinciding neurons of one student (same incoming
-    vector up to the activation's symmetry) whose outgoing weights cancel. The data do not
-    determine such a neuron's incoming vector, so it must not vote in the clustering. Neurons
-    pruned during training (exact zeros) are silent.
+    largest), when it is constant (incoming weights, bias aside, below ``tol`` times the
+    student's largest: only ``act(b)`` reaches the output, as an output bias would), or when it
+    belongs to a group of coinciding neurons of one student (same incoming vector up to the
+    activation's symmetry) whose outgoing weights cancel. The data do not determine such a
+    neuron's incoming vector, so it must not vote in the clustering. Neurons pruned during
+    training (exact zeros) are silent.
     """
     act = students.activation
     w = students.weights[layer].detach().cpu().numpy()
@@ -137,6 +142,8 @@ def silent_neurons(students: StudentBatch, layer: int, tol: float = 1e-9) -> np.
         size = np.linalg.norm(a, axis=1)
         reference = size.max() if size.max() > 0 else 1.0
         silent[s] = size <= tol * reference
+        fan_in = np.linalg.norm(w[s], axis=1)
+        silent[s] |= fan_in <= tol * max(fan_in.max(), 1e-300)
         cos = (v @ v.T) / np.maximum(np.outer(norms, norms), 1e-300)
         same = (1 - (np.abs(cos) if act.has_sign_symmetry else cos)) < tol
         np.fill_diagonal(same, False)
@@ -204,6 +211,18 @@ def core_members(features: np.ndarray, signed: bool, beta: float) -> np.ndarray:
     angles = _angles(features, signed)
     medoid = int(np.argmin(angles.sum(1)))
     return np.flatnonzero(angles[medoid] <= beta)
+
+
+def dense_core(features: np.ndarray, student: np.ndarray, signed: bool,
+               beta: float) -> np.ndarray:
+    """Indices of the rows within ``beta`` of the row that has the most distinct students
+    within ``beta`` (ties: the row closest to all others): the tight group of a cluster to which
+    average linkage attached stray neurons."""
+    angles = _angles(features, signed)
+    within = angles <= beta
+    voters = np.array([len(np.unique(student[row])) for row in within])
+    best = max(range(len(features)), key=lambda i: (voters[i], -angles[i].sum()))
+    return np.flatnonzero(within[best])
 
 
 class _UnionFind:
@@ -333,15 +352,23 @@ def cluster_layer(students: StudentBatch, layer: int, gamma: float = 0.5,
             n_in = len(np.unique(student[members]))
             angle = median_angle(compared[members], signed)
             core = members[core_members(compared[members], signed, beta)]
-            if signed:
-                reference = core[np.argmin(rank[student[core]])]
-                sign[members] = np.where(compared[members] @ compared[reference] < 0, -1.0, 1.0)
             if n_in < needed:
                 kept, reason = False, f"{n_in} students < {needed}"
             elif math.cos(angle) < cos_limit - 1e-12:
                 kept, reason = False, f"median angle {math.degrees(angle):.1f} deg > beta"
+                # our addition: the cluster's tight group passes both tests on its own
+                dense = members[dense_core(compared[members], student[members], signed, beta)]
+                n_dense = len(np.unique(student[dense]))
+                dense_angle = median_angle(compared[dense], signed)
+                if n_dense >= needed and math.cos(dense_angle) >= cos_limit - 1e-12:
+                    kept, core = True, dense
+                    reason = (f"kept: its core of {n_dense} students has median angle "
+                              f"{math.degrees(dense_angle):.1f} deg (all: {reason})")
             else:
                 kept, reason = True, "kept"
+            if signed:
+                reference = core[np.argmin(rank[student[core]])]
+                sign[members] = np.where(compared[members] @ compared[reference] < 0, -1.0, 1.0)
             clusters.append(Cluster(members, n_in, angle, kept, reason, core))
         return labels, sign, clusters
 

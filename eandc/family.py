@@ -43,7 +43,8 @@ from .storage import atomic_write_bytes
 from .sweep import dask_executor, run_sweep
 
 __all__ = ["D_IN", "WIDTHS", "SEEDS", "RHOS", "problems", "n_queries", "configs",
-           "companion_configs", "summary_rows", "write_summary", "ease_of_identifiability"]
+           "companion_configs", "all_configs", "summary_rows", "write_summary", "stored_table",
+           "run", "ease_of_identifiability"]
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ COMPANION_ACTIVATIONS = ("tanh", "sigmoid", "softplus", "gelu", "silu", "relu")
 COMPANION_PROBLEMS = [(4, 2, s) for s in range(3)] + [(4, 4, s) for s in range(3)]
 SUMMARY_COLUMNS = ("problem_id", "activation", "d_in", "teacher_width", "rho", "seed",
                    "n_students", "n_queries", "success", "recovered_width", "max_cosine_distance",
-                   "relative_rmse", "students_at_zero_loss", "wall_seconds", "hash")
+                   "relative_rmse", "students_at_zero_loss", "wall_seconds", "finished", "hash")
 
 
 def problem_id(activation: str, d_in: int, width: int, seed: int) -> str:
@@ -119,7 +120,8 @@ def summary_rows(rows: list[dict]) -> list[dict]:
             "relative_rmse": m.get("relative_rmse"),
             "students_at_zero_loss": (sum(v <= ZERO_LOSS for v in losses)
                                       if losses is not None else None),
-            "wall_seconds": r.get("wall_seconds"), "hash": r["hash"]})
+            "wall_seconds": r.get("wall_seconds"), "finished": r.get("finished"),
+            "hash": r["hash"]})
     return table
 
 
@@ -153,6 +155,40 @@ def ease_of_identifiability(table, gamma: float = 0.5) -> dict[str, dict]:
     return out
 
 
+def all_configs() -> list[dict]:
+    """Every run of the chapter: the family at every rho, then the companion sweep."""
+    return configs(RHOS) + companion_configs()
+
+
+def stored_table(root: str | Path = "results") -> list[dict]:
+    """The tidy table of every run of :func:`all_configs`, from what is stored under
+    ``root/toy`` (nothing is computed; a run not stored yet has empty result cells)."""
+    from .runs import find_run, run_folder
+    from .sweep import DEFAULT_TASK, recover_random_teacher
+    rows = []
+    for c in all_configs():
+        config = dict(recover_random_teacher.normalize(c), task=DEFAULT_TASK)
+        folder = run_folder(root, KIND, config)
+        record = find_run(folder, load_network=False)
+        rows.append({"hash": folder.name, "config": config,
+                     "metrics": record.metrics if record else None,
+                     "wall_seconds": record.wall_seconds if record else None,
+                     "finished": record.finished if record else None})
+    return summary_rows(rows)
+
+
+def run(todo: list[dict], root: str | Path = "results", *, workers: int | None = None,
+        executor=None, progress: bool = True) -> list[dict]:
+    """Run the configurations ``todo`` that are not stored yet (:func:`eandc.sweep.run_sweep`),
+    then rewrite ``root/toy/summary.csv``; returns the tidy table (:func:`stored_table`)."""
+    if todo:
+        run_sweep(todo, kind=KIND, root=root, executor=executor, workers=workers,
+                  progress=progress, summary=None)
+    table = stored_table(root)
+    write_summary(table, Path(root) / KIND / "summary.csv")
+    return table
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m eandc.family",
@@ -180,35 +216,13 @@ def main(argv=None) -> int:
     if args.scheduler:
         client, executor = dask_executor(args.scheduler)
     try:
-        run_sweep(todo, kind=KIND, root=args.results, executor=executor, workers=args.workers,
-                  summary=None)
+        table = run(todo, args.results, workers=args.workers, executor=executor)
     finally:
         if client is not None:
             client.close()
-    # the table covers every stored run of the family and companion, not only this call's
-    every = configs(RHOS) + companion_configs()
-    rows = run_sweep_rows(every, args.results)
-    path = write_summary(summary_rows(rows), args.results / KIND / "summary.csv")
-    print(f"{sum(r['metrics'] is not None for r in rows)} of {len(rows)} runs stored; "
-          f"table: {path}")
+    print(f"{sum(r['success'] is not None for r in table)} of {len(table)} runs stored; "
+          f"table: {args.results / KIND / 'summary.csv'}")
     return 0
-
-
-def run_sweep_rows(all_configs: list[dict], root: Path) -> list[dict]:
-    """run_sweep-like rows for stored runs only (nothing is computed): status ``cached`` or
-    ``missing``."""
-    from .runs import find_run, run_folder
-    from .sweep import DEFAULT_TASK, recover_random_teacher
-    rows = []
-    for c in all_configs:
-        config = dict(recover_random_teacher.normalize(c), task=DEFAULT_TASK)
-        folder = run_folder(root, KIND, config)
-        record = find_run(folder, load_network=False)
-        rows.append({"hash": folder.name, "config": config,
-                     "status": "cached" if record else "missing",
-                     "metrics": record.metrics if record else None,
-                     "wall_seconds": record.wall_seconds if record else None})
-    return rows
 
 
 if __name__ == "__main__":
