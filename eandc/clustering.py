@@ -49,7 +49,7 @@ from .activations import Activation
 from .mlp import StudentBatch
 
 __all__ = ["LayerClustering", "Cluster", "cluster_layer", "neuron_features", "pairwise_distances",
-           "min_students", "silent_neurons", "choose_cut"]
+           "min_students", "silent_neurons", "choose_cut", "dense_core"]
 
 log = logging.getLogger(__name__)
 

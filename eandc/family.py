@@ -67,10 +67,11 @@ def problem_id(activation: str, d_in: int, width: int, seed: int) -> str:
     return f"{activation}-d{d_in}-w{width}-s{seed}"
 
 
-def problems(activation: str = "g") -> list[dict]:
-    """The family's 150 problems, each ``{activation, d_in, width, seed}``."""
-    return [{"activation": activation, "d_in": d, "width": w, "seed": s}
-            for d in D_IN for w in WIDTHS for s in SEEDS]
+def problems(activation: str = "g", seeds=SEEDS) -> list[dict]:
+    """The family's problems (150 with the default seeds), each ``{activation, d_in, width,
+    seed}``."""
+    return [{"activation": activation, "d_in": d, "width": w, "seed": int(s)}
+            for d in D_IN for w in WIDTHS for s in seeds]
 
 
 def n_queries(d_in: int, width: int) -> int:
@@ -86,13 +87,13 @@ def _config(problem: dict, rho: int) -> dict:
             "train_options": dict(TRAIN_OPTIONS)}
 
 
-def configs(rhos=RHOS, activation: str = "g") -> list[dict]:
+def configs(rhos=RHOS, activation: str = "g", seeds=SEEDS) -> list[dict]:
     """Configurations of :func:`eandc.sweep.recover_random_teacher`, rho by rho in the order
     given (a sweep cut short holds whole factors first)."""
     for rho in rhos:
         if not isinstance(rho, int) or rho < 1:
             raise ValueError(f"a factor rho is a positive integer, got {rho!r}")
-    return [_config(p, rho) for rho in rhos for p in problems(activation)]
+    return [_config(p, rho) for rho in rhos for p in problems(activation, seeds)]
 
 
 def companion_configs(rhos=(4,)) -> list[dict]:
@@ -155,18 +156,18 @@ def ease_of_identifiability(table, gamma: float = 0.5) -> dict[str, dict]:
     return out
 
 
-def all_configs() -> list[dict]:
+def all_configs(seeds=SEEDS) -> list[dict]:
     """Every run of the chapter: the family at every rho, then the companion sweep."""
-    return configs(RHOS) + companion_configs()
+    return configs(RHOS, seeds=seeds) + companion_configs()
 
 
-def stored_table(root: str | Path = "results") -> list[dict]:
+def stored_table(root: str | Path = "results", seeds=SEEDS) -> list[dict]:
     """The tidy table of every run of :func:`all_configs`, from what is stored under
     ``root/toy`` (nothing is computed; a run not stored yet has empty result cells)."""
     from .runs import find_run, run_folder
     from .sweep import DEFAULT_TASK, recover_random_teacher
     rows = []
-    for c in all_configs():
+    for c in all_configs(seeds):
         config = dict(recover_random_teacher.normalize(c), task=DEFAULT_TASK)
         folder = run_folder(root, KIND, config)
         record = find_run(folder, load_network=False)
@@ -178,13 +179,13 @@ def stored_table(root: str | Path = "results") -> list[dict]:
 
 
 def run(todo: list[dict], root: str | Path = "results", *, workers: int | None = None,
-        executor=None, progress: bool = True) -> list[dict]:
+        executor=None, progress: bool = True, seeds=SEEDS) -> list[dict]:
     """Run the configurations ``todo`` that are not stored yet (:func:`eandc.sweep.run_sweep`),
     then rewrite ``root/toy/summary.csv``; returns the tidy table (:func:`stored_table`)."""
     if todo:
         run_sweep(todo, kind=KIND, root=root, executor=executor, workers=workers,
                   progress=progress, summary=None)
-    table = stored_table(root)
+    table = stored_table(root, seeds)
     write_summary(table, Path(root) / KIND / "summary.csv")
     return table
 

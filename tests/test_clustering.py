@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from eandc import random_teacher
-from eandc.clustering import cluster_layer, min_students, pairwise_distances
+from eandc.clustering import (
+    cluster_layer,
+    dense_core,
+    min_students,
+    pairwise_distances,
+    silent_neurons,
+)
 from eandc.mlp import Layout, StudentBatch
 
 
@@ -126,3 +132,43 @@ def test_min_students_and_signed_distances():
     # exact differences: copies 1e-14 apart stay 1e-14 apart (the Gram shortcut gives ~1e-8)
     g = np.array([[0.3, -1.2, 0.7], [0.3, -1.2, 0.7 + 1e-14], [-0.3, 1.2, -0.7 - 2e-14]])
     np.testing.assert_allclose(pairwise_distances(g, signed=True), [1e-14, 2e-14, 1e-14], rtol=0.2)
+
+
+def test_dense_core_finds_the_tight_group_among_strays():
+    rng = np.random.default_rng(0)
+    tight = np.array([1.0, 0.5, -0.2]) + 1e-9 * rng.normal(size=(6, 3))
+    strays = rng.normal(size=(7, 3))
+    features = np.concatenate([strays[:3], tight, strays[3:]])
+    student = np.array([0, 1, 2, 0, 1, 2, 3, 4, 5, 3, 4, 5, 6])
+    core = dense_core(features, student, signed=False, beta=math.pi / 6)
+    assert set(core) >= set(range(3, 9))
+    assert all(np.degrees(np.arccos(features[i] @ tight[0] / np.linalg.norm(features[i])
+                                    / np.linalg.norm(tight[0]))) <= 30 for i in core)
+
+
+def test_constant_neurons_do_not_vote():
+    teacher = random_teacher(2, [3], activation="g", seed=1)
+    students, origin = planted_students(teacher, 4, 6)
+    theta = students.theta.clone()
+    w, b, _ = students.layout.unflatten(theta)
+    junk = int(np.flatnonzero(origin[:6] < 0)[0])
+    w[0][0, junk] = 0.0  # a constant neuron g(b): its direction is not determined by the data
+    w[1][0, :, junk] = 1.0
+    silent = silent_neurons(StudentBatch(theta, students.layout, students.activation), 0)
+    assert silent[0, junk]
+    assert not silent[0, origin[:6] >= 0].any()
+
+
+def test_a_tight_group_inside_a_loose_cluster_is_kept():
+    """Regression (toy family g-d2-w2-s1, rho 4): six students hold the teacher's neuron
+    exactly, but average linkage joined them with stray neurons of students at another
+    near-solution, and the whole cluster failed the angle test."""
+    from eandc import expand_and_cluster, gaussian_inputs
+    from eandc.compare import compare
+    teacher = random_teacher(2, [2], activation="g", seed=1)
+    X = gaussian_inputs(2000, 2, seed=2)
+    result = expand_and_cluster(teacher, X, "g", student_widths=[8], n_students=10, seed=1,
+                                progress=False, consensus_rounds=0,
+                                train_options={"max_iter": 150})
+    assert any(c.reason.startswith("kept: its core") for c in result.clusterings[0].kept)
+    assert compare(teacher, result.network, gaussian_inputs(2000, 2, seed=3)).exact()

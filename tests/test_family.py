@@ -1,10 +1,14 @@
 """The toy family: its problems, configurations, tidy table and ease of identifiability."""
 
 import csv
+import math
+from pathlib import Path
 
 import pytest
+import torch
 
 from eandc import family
+from eandc.runs import load_run
 from eandc.sweep import recover_random_teacher
 
 
@@ -61,3 +65,44 @@ def test_the_tidy_table_and_ease_of_identifiability(tmp_path):
     table[0]["students_at_zero_loss"] = table[1]["students_at_zero_loss"] = 1
     assert family.ease_of_identifiability(table)["g-d2-w4-s3"] == {"ease": 0.25,
                                                                     "smallest_rho": 4}
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+def _close(a, b):
+    """Equal to 1e-9 relative; two distances at machine precision (below 1e-12) are equal."""
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def test_two_committed_results_are_recomputed_from_their_stored_configurations():
+    """The two cheapest exact recoveries of the committed family (at different factors) are
+    run again from the configuration stored beside them, on one thread as the sweep ran them."""
+    summary = RESULTS / "toy" / "summary.csv"
+    assert summary.is_file(), "the toy family's results are committed under results/toy"
+    with open(summary) as f:
+        rows = [r for r in csv.DictReader(f) if r["success"] == "True"]
+    chosen = []
+    for row in sorted(rows, key=lambda r: float(r["wall_seconds"])):
+        if row["rho"] not in {c["rho"] for c in chosen}:
+            chosen.append(row)
+        if len(chosen) == 2:
+            break
+    assert len(chosen) == 2
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for row in chosen:
+            record = load_run(RESULTS / "toy" / row["hash"])
+            config = {k: v for k, v in record.config.items() if k != "task"}
+            metrics, network = recover_random_teacher(config)
+            assert metrics["widths"] == record.metrics["widths"]
+            assert metrics["success"] == record.metrics["success"]
+            for new, old in zip(metrics["max_cosine_distance"],
+                                record.metrics["max_cosine_distance"]):
+                assert _close(new, old), (row["hash"], new, old)
+            for new, old in zip(metrics["median_cosine_distance"],
+                                record.metrics["median_cosine_distance"]):
+                assert _close(new, old), (row["hash"], new, old)
+    finally:
+        torch.set_num_threads(previous)
