@@ -59,7 +59,8 @@ KIND = "toy"
 COMPANION_ACTIVATIONS = ("tanh", "sigmoid", "softplus", "gelu", "silu", "relu")
 COMPANION_PROBLEMS = [(4, 2, s) for s in range(3)] + [(4, 4, s) for s in range(3)]
 SUMMARY_COLUMNS = ("problem_id", "activation", "d_in", "teacher_width", "rho", "seed",
-                   "n_students", "n_queries", "success", "recovered_width", "max_cosine_distance",
+                   "n_students", "n_queries", "success", "recovered_width", "clustered_width",
+                   "source", "max_cosine_distance",
                    "relative_rmse", "students_at_zero_loss", "wall_seconds", "finished", "hash")
 
 
@@ -117,6 +118,8 @@ def summary_rows(rows: list[dict]) -> list[dict]:
             "n_queries": c["n_queries"],
             "success": m.get("success") if m else None,
             "recovered_width": width[0] if width else (0 if m else None),
+            "clustered_width": (m.get("clustered_widths") or [0])[0] if m else None,
+            "source": m.get("source", "none") if m else None,
             "max_cosine_distance": m.get("max_distance"),
             "relative_rmse": m.get("relative_rmse"),
             "students_at_zero_loss": (sum(v <= ZERO_LOSS for v in losses)

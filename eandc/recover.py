@@ -24,6 +24,12 @@
    fine-tuning, such neurons are silent, constant or duplicates; each is removed only if the
    fine-tuned network without it still sits at the loss floor. ``clustered_widths`` reports the
    widths before this step, the paper's count; ``widths`` those after it.
+5. **Exact-student fallback** (our addition, with pruning): when the network of the clusters
+   does not reach the loss floor (``EXACT_LOSS``) but a student does, that student computes the
+   teacher's function exactly; pruned to the neurons the function needs, it is the teacher up
+   to the activation's symmetries (the identifiability result), and it is returned instead.
+   ``source`` says which: ``"clusters"`` or ``"student k"``. This rescues teachers that fewer
+   than ``ceil(gamma N)`` students found exactly, the others stalling in near-solutions.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from .mlp import MLP, Layout, StudentBatch
 from .reconstruction import (
     align_output_bias,
     assemble_network,
+    drop_pruned_neurons,
     finetune,
     fit_linear_term,
     prune,
@@ -99,6 +106,7 @@ class ExpandAndClusterResult:
     pruning: list[str] = field(default_factory=list)
     students: StudentBatch | None = None
     width_search: list[dict] = field(default_factory=list)
+    source: str = "clusters"  # or "student k": the exact-student fallback (module doc, step 5)
 
     def summary(self) -> str:
         lines = [f"recovered widths   {self.widths} (clusters kept: {self.clustered_widths}; "
@@ -323,12 +331,13 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
                     if reconstructed[1] <= EXACT_LOSS:
                         break
         clusterings.append(clustering)
-        if clustering.width == 0:
-            raise NoClusterError(
-                f"layer {layer + 1}: no cluster holds neurons of {needed} students with median "
-                f"angle below beta; the students did not agree (losses {format_losses(losses)}). "
-                "Try wider students.", [r.relative_losses for r in reports])
-        if last and reconstructed is None:
+        no_cluster = NoClusterError(
+            f"layer {layer + 1}: no cluster holds neurons of {needed} students with median "
+            f"angle below beta; the students did not agree (losses {format_losses(losses)}). "
+            "Try wider students.", [r.relative_losses for r in reports])
+        if clustering.width == 0 and not (last and prune_network):
+            raise no_cluster
+        if last and reconstructed is None and clustering.width:
             reconstructed = reconstruct(students, clustering, losses)
         if not last:
             if retrained is None or improved:
@@ -337,17 +346,47 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
             reports.append(report)
             losses = report.relative_losses
 
-    network, final_loss = reconstructed  # the last layer's clustering, reconstructed
+    # the last layer's clustering, reconstructed (none: no cluster; the fallback may help)
+    network, final_loss = reconstructed or (None, math.inf)
     notes = []
     clustered_widths = [c.width for c in clusterings]
-    if prune_network:
+    if prune_network and network is not None:
         t0 = time.perf_counter()
         network, final_loss, notes = prune(network, X, y, loss=final_loss,
                                            progress=options["progress"])
         timings["pruning"] = time.perf_counter() - t0
+    source = "clusters"
+    if prune_network and final_loss > EXACT_LOSS:
+        t0 = time.perf_counter()
+        fallback = _exact_student([(expanded, reports[0].relative_losses), (students, losses)],
+                                  X, y, options["progress"])
+        timings["fallback"] = time.perf_counter() - t0
+        if fallback is not None:
+            network, final_loss, notes, source = fallback
+            log.info("the clusters' network is not exact; %s is, once pruned", source)
+    if network is None:
+        raise no_cluster
     log.info("recovered widths %s (clusters %s), relative loss %.2e", network.widths,
              clustered_widths, final_loss)
     return ExpandAndClusterResult(network, network.widths, clustered_widths, list(student_widths),
                                   [r.relative_losses for r in reports], clusterings, final_loss,
-                                  timings, notes, expanded, search)
+                                  timings, notes, expanded, search, source)
+
+
+def _exact_student(batches, X, y, progress):
+    """The lowest-loss student of ``batches`` ((StudentBatch, losses) pairs) when it sits at the
+    loss floor, pruned and fine-tuned: (network, loss, notes, source) if it stays exact, else
+    None."""
+    batch, losses = min(batches, key=lambda pair: float(np.min(pair[1])))
+    best = int(np.argmin(losses))
+    if float(losses[best]) > EXACT_LOSS:
+        return None
+    network = drop_pruned_neurons(batch.student(best))
+    network, loss = finetune(network, X, y, progress=progress)
+    network, loss, notes = prune(network, X, y, loss=loss, max_trials=4 * sum(network.widths),
+                                 progress=progress)
+    if loss > EXACT_LOSS:
+        return None
+    return network, loss, notes, f"student {best}"
+
 

@@ -145,7 +145,7 @@ def recover_random_teacher(config: dict, checkpoint: Checkpoint | None = None):
     metrics = dict(comparison.to_dict(), success=comparison.exact(c["distance_tol"], c["rmse_tol"]),
                    max_distance=comparison.max_distance, widths=result.widths,
                    clustered_widths=result.clustered_widths, student_widths=result.student_widths,
-                   final_loss=result.final_loss,
+                   final_loss=result.final_loss, source=result.source,
                    student_losses=[float(v) for v in result.student_losses[0]],
                    timings=result.timings)
     return metrics, result.network

@@ -50,3 +50,16 @@ def test_student_width_is_found_by_doubling_when_not_given():
     assert result.width_search[-1]["share_at_zero_loss"] >= 0.8
     assert result.student_widths == [searched[-1]]
     assert result.widths == [2]
+
+
+def test_an_exact_student_rescues_a_recovery_the_clusters_miss():
+    """Toy family g-d4-w2-s4 at rho 4: four of ten students fit the teacher exactly, the others
+    stall near 1e-7, so no second cluster holds five students; the best student, pruned, is the
+    teacher (exact-student fallback)."""
+    from eandc import family
+    teacher = eandc.random_teacher(4, [2], activation="g", seed=4)
+    X = eandc.gaussian_inputs(family.n_queries(4, 2), 4, seed=5)
+    result = eandc.expand_and_cluster(teacher, X, "g", student_widths=[8], n_students=10, seed=4,
+                                progress=False, train_options={"max_iter": 150})
+    assert result.clustered_widths == [1] and result.source.startswith("student")
+    assert eandc.compare(teacher, result.network, eandc.gaussian_inputs(5000, 4, seed=6)).exact(1e-10, 1e-10)
