@@ -38,7 +38,7 @@ import math
 import sys
 from pathlib import Path
 
-from .recover import ZERO_LOSS
+from .recover import EXACT_LOSS, ZERO_LOSS
 from .storage import atomic_write_bytes
 from .sweep import dask_executor, run_sweep
 
@@ -61,7 +61,7 @@ COMPANION_PROBLEMS = [(4, 2, s) for s in range(3)] + [(4, 4, s) for s in range(3
 SUMMARY_COLUMNS = ("problem_id", "activation", "d_in", "teacher_width", "rho", "seed",
                    "n_students", "n_queries", "success", "recovered_width", "clustered_width",
                    "source", "max_cosine_distance",
-                   "relative_rmse", "students_at_zero_loss", "wall_seconds", "finished", "hash")
+                   "relative_rmse", "students_at_zero_loss", "students_exact", "wall_seconds", "finished", "hash")
 
 
 def problem_id(activation: str, d_in: int, width: int, seed: int) -> str:
@@ -124,6 +124,8 @@ def summary_rows(rows: list[dict]) -> list[dict]:
             "relative_rmse": m.get("relative_rmse"),
             "students_at_zero_loss": (sum(v <= ZERO_LOSS for v in losses)
                                       if losses is not None else None),
+            "students_exact": (sum(v <= EXACT_LOSS for v in losses)
+                               if losses is not None else None),
             "wall_seconds": r.get("wall_seconds"), "finished": r.get("finished"),
             "hash": r["hash"]})
     return table

@@ -54,6 +54,7 @@ def test_the_tidy_table_and_ease_of_identifiability(tmp_path):
              "wall_seconds": None}]
     table = family.summary_rows(rows)
     assert [r["students_at_zero_loss"] for r in table] == [2, 2, 3, None]
+    assert [r["students_exact"] for r in table] == [1, 1, 0, None]
     assert table[2]["recovered_width"] == 5 and table[2]["success"] is False
     path = family.write_summary(table, tmp_path / "summary.csv")
     with open(path) as f:
