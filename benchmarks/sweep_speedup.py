@@ -7,8 +7,9 @@ Both sweeps run the same configurations (the first ``--tasks`` problems of the t
 ``--rho``) into fresh temporary folders, one torch thread per task: first a local process pool
 of one worker (the baseline), then a ``dask.distributed.LocalCluster`` of two single-threaded
 worker processes through ``Client.get_executor()``, as ``eandc sweep --scheduler`` uses one. The
-script checks that both give the same recovered widths and writes the timings, with machine,
-versions and commit, to ``benchmarks/results/sweep_speedup-<date>.json``.
+script checks that both give the same recovered widths (every process single-threaded, BLAS
+included) and writes the timings, with machine, versions and commit, to
+``benchmarks/results/sweep_speedup-<date>.json``.
 """
 
 from __future__ import annotations
@@ -16,14 +17,20 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from eandc import family
-from eandc.runs import machine
-from eandc.sweep import run_sweep
+# one BLAS thread per process (before numpy loads): the 1-worker baseline must use one core,
+# and the Dask workers, spawned from this process, inherit the setting
+for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")
+
+from eandc import family  # noqa: E402
+from eandc.runs import machine  # noqa: E402
+from eandc.sweep import run_sweep  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 

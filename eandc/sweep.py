@@ -25,6 +25,7 @@ fills in defaults and rejects unknown keys, before the configuration is hashed.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import csv
 import importlib
 import importlib.util
@@ -242,6 +243,27 @@ def _write_summary(path: Path, rows: list[dict]) -> None:
     atomic_write_bytes(path, buffer.getvalue().encode())
 
 
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def _thread_limits(threads: int):
+    """Set the BLAS/OpenMP thread variables (unless the user set them) while the pool's
+    workers are spawned: each task then uses ``threads`` cores in numpy and SciPy too, not only
+    in torch, and the workers do not oversubscribe the machine."""
+    saved = {k: os.environ.get(k) for k in THREAD_VARIABLES}
+    for k in THREAD_VARIABLES:
+        os.environ.setdefault(k, str(threads))
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def run_sweep(configs: list[dict], task=DEFAULT_TASK, *, kind: str = "sweep",
               root: str | os.PathLike = "results", executor: cf.Executor | None = None,
               workers: int | None = None, progress: bool = True,
@@ -277,8 +299,9 @@ def run_sweep(configs: list[dict], task=DEFAULT_TASK, *, kind: str = "sweep",
     log.info("sweep %s: %d configuration(s), %d to compute", kind, len(rows), len(todo))
     own = executor is None and bool(todo)
     if own:
-        executor = cf.ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1,
-                                          mp_context=multiprocessing.get_context("spawn"))
+        with _thread_limits(threads):  # the workers' BLAS reads them when they start
+            executor = cf.ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1,
+                                              mp_context=multiprocessing.get_context("spawn"))
     done: dict[str, dict] = {}
     try:
         futures = {executor.submit(_run_one, task if isinstance(task, str) else fn, kind,
