@@ -30,7 +30,7 @@ for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 from eandc import family  # noqa: E402
 from eandc.runs import machine  # noqa: E402
-from eandc.sweep import run_sweep  # noqa: E402
+from eandc.sweep import DASK_WORKER_ENVIRON, run_sweep  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -46,7 +46,11 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=24)
     parser.add_argument("--rho", type=int, default=2)
     args = parser.parse_args()
+    import dask
     from dask.distributed import Client, LocalCluster
+
+    # workers without Dask's MALLOC_TRIM_THRESHOLD_ (see eandc.sweep.DASK_WORKER_ENVIRON)
+    dask.config.set({"distributed.nanny.pre-spawn-environ": DASK_WORKER_ENVIRON})
 
     configs = family.configs([args.rho])[:args.tasks]
     with tempfile.TemporaryDirectory() as one, tempfile.TemporaryDirectory() as two:

@@ -16,7 +16,7 @@ import pytest
 from eandc.cli import main
 from eandc.runs import config_hash, load_run
 from eandc.storage import load_arrays
-from eandc.sweep import load_configs, run_sweep
+from eandc.sweep import dask_executor, load_configs, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), TQDM_DISABLE="1")
@@ -144,3 +144,15 @@ def test_bad_sweep_inputs_are_named(tmp_path):
     rows = run_sweep([dict(TINY, n_students=1)], root=tmp_path, executor=_inline(),
                      progress=False)  # a task that fails is reported, the sweep goes on
     assert rows[0]["status"] == "failed" and "n_students must be" in rows[0]["error"]
+
+
+def test_dask_executor_warns_about_workers_with_a_fixed_malloc_trim_threshold(caplog):
+    """Dask's nanny sets MALLOC_TRIM_THRESHOLD_ by default, which slows eandc tasks 1.75x."""
+    from dask.distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster:
+        with caplog.at_level("WARNING", logger="eandc.sweep"):
+            client, _ = dask_executor(cluster.scheduler_address)
+            client.close()
+    assert "MALLOC_TRIM_THRESHOLD_" in caplog.text
