@@ -4,12 +4,12 @@
     python benchmarks/sweep_speedup.py --tasks 8 --rho 1
 
 Both sweeps run the same configurations (the first ``--tasks`` problems of the toy family at
-``--rho``) into fresh temporary folders, one torch thread per task: first a local process pool
-of one worker (the baseline), then a ``dask.distributed.LocalCluster`` of two single-threaded
-worker processes through ``Client.get_executor()``, as ``eandc sweep --scheduler`` uses one. The
-script checks that both give the same recovered widths (every process single-threaded, BLAS
-included) and writes the timings, with machine, versions and commit, to
-``benchmarks/results/sweep_speedup-<date>.json``.
+``--rho``) into fresh temporary folders, every process single-threaded (torch and BLAS): first
+a local process pool of one worker (the baseline), then a ``dask.distributed.LocalCluster`` of
+two worker processes, started with ``eandc.sweep.DASK_WORKER_ENVIRON``, through
+``Client.get_executor()``, as ``eandc sweep --scheduler`` uses one. The script checks that both
+give the same recovered widths and writes the timings, with machine, versions and source commit,
+to ``benchmarks/results/sweep_speedup-<date>.json``.
 """
 
 from __future__ import annotations
@@ -17,20 +17,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-# one BLAS thread per process (before numpy loads): the 1-worker baseline must use one core,
-# and the Dask workers, spawned from this process, inherit the setting
-for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_variable, "1")
-
-from eandc import family  # noqa: E402
-from eandc.runs import machine  # noqa: E402
-from eandc.sweep import DASK_WORKER_ENVIRON, run_sweep  # noqa: E402
+from eandc import family
+from eandc.runs import machine
+from eandc.sweep import DASK_WORKER_ENVIRON, run_sweep
 
 HERE = Path(__file__).resolve().parent
 
@@ -65,14 +58,12 @@ def main() -> None:
     print(f"  local pool, 1 worker : {serial:8.1f} s")
     print(f"  Dask, 2 workers      : {parallel:8.1f} s")
     print(f"  speed-up             : {serial / parallel:8.2f}x   (same widths: {same})")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=HERE).stdout.strip()
     stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M%S")
     out = HERE / "results" / f"sweep_speedup-{stamp}.json"
     out.write_text(json.dumps({
         "tasks": len(configs), "rho": args.rho, "seconds_pool_1_worker": serial,
         "seconds_dask_2_workers": parallel, "speedup": serial / parallel,
-        "same_widths": same, "machine": machine(), "commit": commit,
+        "same_widths": same, "machine": machine(),  # with the source commit
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}, indent=2))
     print(f"wrote {out}")
     if not same:

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from .recover import EXACT_LOSS, ZERO_LOSS
 from .storage import atomic_write_bytes
-from .sweep import dask_executor, run_sweep
+from .sweep import dask_executor, run_sweep, stored_rows
 
 __all__ = ["D_IN", "WIDTHS", "SEEDS", "RHOS", "problems", "n_queries", "configs",
            "companion_configs", "all_configs", "summary_rows", "write_summary", "stored_table",
@@ -170,17 +170,7 @@ def all_configs(seeds=SEEDS) -> list[dict]:
 def stored_table(root: str | Path = "results", seeds=SEEDS) -> list[dict]:
     """The tidy table of every run of :func:`all_configs`, from what is stored under
     ``root/toy`` (nothing is computed; a run not stored yet has empty result cells)."""
-    from .runs import find_run, run_folder
-    from .sweep import DEFAULT_TASK, recover_random_teacher
-    rows = []
-    for c in all_configs(seeds):
-        config = dict(recover_random_teacher.normalize(c), task=DEFAULT_TASK)
-        folder = run_folder(root, KIND, config)
-        record = find_run(folder, load_network=False)
-        rows.append({"hash": folder.name, "config": config,
-                     "metrics": record.metrics if record else None,
-                     "wall_seconds": record.wall_seconds if record else None,
-                     "finished": record.finished if record else None})
+    rows = stored_rows(all_configs(seeds), kind=KIND, root=root)
     return summary_rows(rows)
 
 
