@@ -111,7 +111,7 @@ def test_checkpoint_needs_an_existing_folder_and_a_valid_interval(tmp_path):
 
 def _recover(out, *extra):
     return [sys.executable, "-m", "eandc.cli", "recover", "--teacher", str(out.parent / "t.npz"),
-            "--queries", "gaussian:1000", "--students", "4", "--rho", "2", "--quiet",
+            "--queries", "gaussian:2000", "--students", "4", "--rho", "2", "--quiet",
             "--out", str(out), *extra]
 
 
@@ -128,7 +128,9 @@ def _state(folder: Path):
 def test_run_killed_with_sigkill_resumes_to_the_same_network(tmp_path):
     """The issue's kill-and-resume test: a subprocess killed part-way with SIGKILL, restarted
     with the same arguments, ends with the network of an uninterrupted run, bit for bit."""
-    eandc.random_teacher(2, [3], activation="tanh", seed=1).save(tmp_path / "t.npz")
+    # A deep teacher: after its first finished step the run has seconds of work left (a shallow
+    # one finishes ~0.4 s after it, too short a window for a loaded CI machine to hit).
+    eandc.random_teacher(2, [3, 2], activation="tanh", seed=1).save(tmp_path / "t.npz")
     ref_out, run_out = tmp_path / "reference", tmp_path / "run"
     reference = subprocess.Popen(_recover(ref_out), env=ENV, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True)
