@@ -156,10 +156,12 @@ def _targets(query, X):
 
 
 def _check_size(layout: Layout, n: int):
-    if n < layout.size:
-        raise ValueError(f"too few queries: {n} queries for students with {layout.size} parameters "
-                         f"each ({'-'.join(map(str, layout.sizes))}); give at least as many queries "
-                         "as parameters, or narrower students")
+    """Each query gives ``d_out`` equations; fewer equations than a student's parameters leave
+    the students underdetermined (any of a continuum of networks fits)."""
+    if n * layout.d_out < layout.size:
+        raise ValueError(f"too few queries: {n} queries x {layout.d_out} output(s) for students with "
+                         f"{layout.size} parameters each ({'-'.join(map(str, layout.sizes))}); give "
+                         "at least as many query outputs as parameters, or narrower students")
 
 
 def converged(losses: np.ndarray, needed: int) -> np.ndarray:

@@ -38,7 +38,7 @@ def run(**kwargs):
     ({"n_hidden_layers": 0}, ValueError, "n_hidden_layers must be a positive integer"),
     ({"student_widths": [4, 4]}, ValueError, "2 entries for 1 hidden layer"),
     ({"student_widths": [0]}, ValueError, "positive integers"),
-    ({"student_widths": [200]}, ValueError, "too few queries: 500 queries for students with 801"),
+    ({"student_widths": [200]}, ValueError, "too few queries: 500 queries x 1 output"),
     ({"query": 42}, TypeError, "callable"),
 ])
 def test_bad_input_is_named(kwargs, error, message):
