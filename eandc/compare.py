@@ -127,8 +127,13 @@ def _to_recovered_coordinates(teacher_rows: np.ndarray, below: LayerComparison, 
     return moved
 
 
-def compare(teacher: MLP, recovered: MLP, X) -> Comparison:
-    """Compare ``recovered`` with ``teacher`` (both :class:`~eandc.MLP`) on held-out inputs ``X``."""
+def compare(teacher: MLP, recovered: MLP, X, feature_mask=None) -> Comparison:
+    """Compare ``recovered`` with ``teacher`` (both :class:`~eandc.MLP`) on held-out inputs ``X``.
+
+    ``feature_mask``: boolean ``(d_in,)``, the inputs whose first-layer weights enter the cosine
+    distances (the bias always does); the others, for example pixels that never varied in the
+    queries, are weights the queries could not determine. ``None``: every input.
+    """
     if not isinstance(teacher, MLP) or not isinstance(recovered, MLP):
         raise TypeError("compare needs two eandc.MLP networks (use MLP.load for saved ones)")
     if teacher.activation.name != recovered.activation.name:
@@ -141,12 +146,20 @@ def compare(teacher: MLP, recovered: MLP, X) -> Comparison:
         raise ValueError("input or output widths differ between teacher and recovered network")
     act = teacher.activation
     X = check_inputs(X, name="held-out inputs")
+    keep = None
+    if feature_mask is not None:
+        keep = np.asarray(feature_mask)
+        if keep.dtype != bool or keep.shape != (teacher.d_in,):
+            raise ValueError(f"feature_mask must be a boolean array of shape ({teacher.d_in},)")
+        keep = np.append(keep, True)  # the bias
     layers, below, scales = [], None, None
     for layer in range(teacher.n_hidden_layers):
         t_rows = _incoming(teacher, layer)
         r_rows = _incoming(recovered, layer)
         if below is not None:
             t_rows = _to_recovered_coordinates(t_rows, below, recovered.widths[layer - 1], act, scales)
+        elif keep is not None:
+            t_rows, r_rows = t_rows[:, keep], r_rows[:, keep]
         t_norm = np.linalg.norm(t_rows, axis=1)
         r_norm = np.linalg.norm(r_rows, axis=1)
         cos = (t_rows @ r_rows.T) / np.maximum(t_norm[:, None] * r_norm[None, :], 1e-300)

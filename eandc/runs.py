@@ -154,15 +154,25 @@ def _file_hash(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def save_run(folder: str | os.PathLike, config: dict, metrics: dict, network: MLP | None,
-             wall_seconds: float, extra: dict | None = None) -> Path:
-    """Store a finished run in ``folder`` (created): network first, ``result.json`` last."""
+def save_run(folder: str | os.PathLike, config: dict, metrics: dict,
+             network: MLP | dict[str, MLP] | None, wall_seconds: float,
+             extra: dict | None = None) -> Path:
+    """Store a finished run in ``folder`` (created): networks first, ``result.json`` last.
+
+    ``network``: the run's network (``network.npz``), or a dict of named networks, each stored
+    as ``<name>.npz`` (``"network"`` is the one :func:`load_run` loads; others, such as a
+    trained teacher, are read with ``MLP.load``)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     files = {}
-    if network is not None:
-        network.save(folder / NETWORK)
-        files[NETWORK] = _file_hash(folder / NETWORK)
+    networks = network if isinstance(network, dict) else {"network": network}
+    for name, net in networks.items():
+        if net is None:
+            continue
+        if not name.isidentifier():
+            raise ValueError(f"a stored network's name must be an identifier, got {name!r}")
+        net.save(folder / f"{name}.npz")
+        files[f"{name}.npz"] = _file_hash(folder / f"{name}.npz")
     document = {"format": FORMAT, "hash": config_hash(config), "config": config,
                 "metrics": plain(metrics), "wall_seconds": wall_seconds, "machine": machine(),
                 "finished": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),

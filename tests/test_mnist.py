@@ -1,0 +1,114 @@
+"""The MNIST chapter's code: profiles, queries, masked comparison, tidy table, a small recovery."""
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import eandc
+from eandc import mnist
+from eandc.data import MNIST_FILES
+from eandc.runs import load_run
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
+
+
+def test_profiles_hold_the_issue_teachers():
+    standard = mnist.configs("standard")
+    assert [(c["activation"], c["widths"], c["rho"]) for c in standard] == \
+        [(a, [16], 4) for a in ("g", "tanh", "sigmoid", "softplus", "relu")] + [("g", [30, 30, 30], 3)]
+    paper = {(c["activation"], tuple(c["widths"])): c["rho"] for c in mnist.configs("paper")}
+    assert paper[("g", (256,))] == 4 and paper[("tanh", (128,))] == 4
+    assert paper[("relu", (64,))] == 4 and paper[("g", (30, 30, 30))] == 3
+    for profile in mnist.PROFILES:  # every configuration is valid for the task
+        for c in mnist.configs(profile):
+            mnist.normalize(c)
+    with pytest.raises(ValueError, match="unknown profile"):
+        mnist.configs("huge")
+
+
+def test_bad_configurations_are_named():
+    with pytest.raises(ValueError, match="unknown configuration key"):
+        mnist.normalize({"width": 3})
+    with pytest.raises(ValueError, match="unknown query set"):
+        mnist.normalize({"queries": {"images": True, "blur": 10}})
+    with pytest.raises(ValueError, match="no queries"):
+        mnist.build_queries(np.zeros((5, 16)), {"images": False})
+
+
+def test_queries_are_the_images_then_the_augmented_sets():
+    images = np.random.default_rng(0).uniform(size=(30, 16))
+    X = mnist.build_queries(images, {"noise": 7, "images": True, "tiles2x2": 5}, seed=3)
+    assert X.shape == (42, 16)
+    assert np.array_equal(X[:30], images)  # the images first, whatever the order in the dict
+    again = mnist.build_queries(images, {"noise": 7, "images": True, "tiles2x2": 5}, seed=3)
+    assert np.array_equal(X, again)
+    assert mnist.query_description({"images": True, "noise": 10}) == "images + noise 10"
+
+
+def test_comparison_leaves_masked_inputs_out():
+    teacher = eandc.random_teacher(4, [3], activation="tanh", seed=0)
+    weights = [w.clone() for w in teacher.weights]
+    weights[0][:, 3] += 5.0  # an input the queries never varied: its weights are arbitrary
+    recovered = eandc.MLP(weights, [b.clone() for b in teacher.biases], "tanh")
+    X = eandc.gaussian_inputs(200, 4, seed=1)
+    X[:, 3] = 0.0
+    unmasked = eandc.compare(teacher, recovered, X)
+    masked = eandc.compare(teacher, recovered, X, feature_mask=np.array([True, True, True, False]))
+    assert unmasked.max_distance > 1e-2
+    assert masked.max_distance < 1e-14
+    with pytest.raises(ValueError, match="feature_mask"):
+        eandc.compare(teacher, recovered, X, feature_mask=np.ones(3, dtype=bool))
+
+
+def _row(activation, widths, metrics):
+    config = mnist.normalize({"activation": activation, "widths": widths})
+    return {"hash": "h" + activation, "config": config, "metrics": metrics, "wall_seconds": 12.5,
+            "finished": "2026-11-21T10:00:00+00:00"}
+
+
+def test_the_tidy_table(tmp_path):
+    rows = [_row("tanh", [16], {"widths": [17], "clustered_widths": [18], "overhead_percent": 6.25,
+                                "median_cosine_distance": [1e-4], "max_cosine_distance": [0.01],
+                                "rmse": 0.02, "relative_rmse": 0.003, "argmax_agreement": 0.9995,
+                                "n_queries": 20000, "device": "cpu"}),
+            _row("g", [30, 30, 30], {"widths": [30, 31, 30], "median_cosine_distance": [1e-3, 2e-3, 3e-3],
+                                     "max_cosine_distance": [0.1, 0.2, 0.3]})]
+    table = mnist.summary_rows(rows, "standard")
+    assert table[0]["paper_teacher_width"] == 128 and table[0]["paper_recovered_width"] == 133
+    assert table[0]["recovered_widths"] == "17" and table[0]["student_widths"] == "64"
+    assert table[1]["paper_teacher_width"] is None and table[1]["recovered_widths"] == "30-31-30"
+    assert table[1]["median_cosine_distance"] == "0.001 / 0.002 / 0.003"
+    assert table[0]["query_set"] == "images + noise 10000"
+    path = mnist.write_summary(table, tmp_path / "summary.csv")
+    with open(path) as f:
+        read = list(csv.DictReader(f))
+    assert tuple(read[0]) == mnist.SUMMARY_COLUMNS
+    assert read[0]["overhead_percent"] == "6.25" and read[1]["overhead_percent"] == ""
+
+
+@pytest.mark.skipif(not all((SHARED / n).is_file() for n in MNIST_FILES["test"]),
+                    reason=f"the offline MNIST test split is not at {SHARED}")
+def test_a_run_stores_teacher_network_and_table_and_is_not_redone(tmp_path, monkeypatch):
+    """The plumbing, on a run too small to recover anything well: teacher trained and scored,
+    result and both networks stored, the table written, a second call computes nothing."""
+    monkeypatch.setenv("EANDC_DATA", str(SHARED))
+    tiny = {"teachers": [("tanh", [2], 1)],
+            "options": {"n_students": 4, "n_train": 1_000, "teacher_epochs": 2,
+                        "queries": {"images": 400},
+                        "train_options": {"finisher": "matfree", "adam_steps": 20, "max_iter": 3,
+                                          "polish_iter": 1}}}
+    monkeypatch.setitem(mnist.PROFILES, "smoke", tiny)
+    [row] = mnist.run("smoke", tmp_path, progress=False)
+    assert row["profile"] == "smoke" and row["teacher_widths"] == "2"
+    assert row["n_queries"] == 400 and 0 < row["varying_pixels"] < 784
+    assert 0.0 < row["teacher_accuracy"] <= 1.0
+    run = load_run(tmp_path / "mnist" / row["hash"])
+    teacher = eandc.MLP.load(run.folder / "teacher.npz")
+    assert teacher.widths == [2] and teacher.d_in == 784 and teacher.d_out == 10
+    assert len(run.metrics["constant_pixels"]) == 784 - row["varying_pixels"]
+    with open(tmp_path / "mnist" / "summary.csv") as f:
+        assert [r["hash"] for r in csv.DictReader(f)] == [row["hash"]]
+    again = mnist.run("smoke", tmp_path, progress=False)  # stored: nothing is recomputed
+    assert again[0]["finished"] == row["finished"]
