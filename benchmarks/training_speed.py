@@ -420,6 +420,25 @@ def _ratio(eandc_run, other, budget):
                   f"{spent:.1f} s (stop: {other.get('stop', '-')})")
 
 
+def _e2e_ratio(e2e, other, budget):
+    """How many times faster eandc's end-to-end exact recovery was than ``other``'s training
+    reached the target (a lower bound when it never did: its time spent)."""
+    if not e2e or "error" in e2e or not e2e.get("exact") or not other or "error" in other:
+        return None, "n/a"
+    theirs = other.get("seconds_to_target")
+    spent = other.get("seconds", budget)
+    if theirs is not None:
+        return theirs / e2e["seconds"], f"{theirs / e2e['seconds']:.1f}x"
+    if "budget" not in str(other.get("stop", "budget")):  # it gave up on its own: no bound
+        return None, (f"exact in {e2e['seconds']:.1f} s; the other stopped without reaching "
+                      f"{TARGET:g} (90% loss {other['quantile_loss']:.1e} after {spent:.1f} s, "
+                      f"stop: {other['stop']})")
+    return spent / e2e["seconds"], (
+        f"> {spent / e2e['seconds']:.1f}x: exact in {e2e['seconds']:.1f} s; the other never "
+        f"reached {TARGET:g} (90% loss {other['quantile_loss']:.1e} after {spent:.1f} s, "
+        f"stop: {other.get('stop', '-')})")
+
+
 def report(results, args, budget):
     lines = [f"threads {args.threads}, device {args.device}, budget {budget:g} s, target: 90% of "
              f"students below relative loss {TARGET:g}", ""]
@@ -458,8 +477,11 @@ def report(results, args, budget):
             if other in methods:
                 value, text = _ratio(mine, methods[other], budget)
                 ratios[f"{problem} eandc vs {other}"] = dict(speedup=value, text=text)
+                value, text = _e2e_ratio(methods.get("eandc_e2e"), methods[other], budget)
+                ratios[f"{problem} eandc_e2e vs {other}"] = dict(speedup=value, text=text)
     if ratios:
-        lines += ["", "eandc (train_students) speed-up in time to target:"]
+        lines += ["", "eandc (train_students) speed-up in time to target, and end-to-end exact "
+                      "recovery (eandc_e2e) against the baseline's training:"]
         lines += [f"  {k}: {v['text']}" for k, v in ratios.items()]
     peak = results.get("_peak", {}).get("peak", {})
     steps = {p: m["steps"] for p, m in results.items() if "steps" in m and "error" not in m["steps"]}
@@ -513,7 +535,14 @@ def main():
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--problem", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--report", metavar="JSON",
+                        help="print the table of a stored run (benchmarks/results/*.json) again")
     args = parser.parse_args()
+    if args.report:
+        record = json.loads(Path(args.report).read_text())
+        args.threads, args.device = record["threads"], record["device"]
+        print(report(record["results"], args, record["budget_seconds"])[0])
+        return
     budget = args.budget if args.budget is not None else (20.0 if args.quick else 600.0)
     if args.worker:
         args.budget = budget
