@@ -32,15 +32,13 @@ tidy table ``results/toy/summary.csv``.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import logging
 import math
 import sys
 from pathlib import Path
 
 from .recover import EXACT_LOSS, ZERO_LOSS
-from .storage import atomic_write_bytes
+from .storage import write_csv
 from .sweep import dask_executor, run_sweep, stored_rows
 
 __all__ = ["D_IN", "WIDTHS", "SEEDS", "RHOS", "problems", "n_queries", "configs",
@@ -134,14 +132,7 @@ def summary_rows(rows: list[dict]) -> list[dict]:
 
 def write_summary(rows: list[dict], path: str | Path) -> Path:
     """Write the tidy table of ``rows`` (from :func:`summary_rows`) as CSV, atomically."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, SUMMARY_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: "" if row[k] is None else row[k] for k in SUMMARY_COLUMNS})
-    path = Path(path)
-    atomic_write_bytes(path, buffer.getvalue().encode())
-    return path
+    return write_csv(rows, SUMMARY_COLUMNS, path)
 
 
 def ease_of_identifiability(table, gamma: float = 0.5) -> dict[str, dict]:

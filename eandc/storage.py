@@ -7,6 +7,7 @@ file is detected on load instead of being used.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import json
@@ -43,6 +44,16 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def write_csv(rows: list[dict], columns, path: str | os.PathLike) -> Path:
+    """Write ``rows`` (dicts) as a CSV table with ``columns``, atomically; ``None`` is empty."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row[k] is None else row[k] for k in columns})
+    return atomic_write_bytes(path, buffer.getvalue().encode())
 
 
 def array_digest(array: np.ndarray) -> str:

@@ -112,3 +112,17 @@ def test_a_run_stores_teacher_network_and_table_and_is_not_redone(tmp_path, monk
         assert [r["hash"] for r in csv.DictReader(f)] == [row["hash"]]
     again = mnist.run("smoke", tmp_path, progress=False)  # stored: nothing is recomputed
     assert again[0]["finished"] == row["finished"]
+
+
+@pytest.mark.skipif(not all((SHARED / n).is_file() for n in MNIST_FILES["test"]),
+                    reason=f"the offline MNIST test split is not at {SHARED}")
+def test_smoke_profile_recovers_a_narrow_mnist_teacher_exactly(tmp_path, monkeypatch):
+    """The smoke profile: tanh 784-2-10 trained on 8,000 images, 1,000 images and 2,000 noise
+    overlays as queries, 4 students twice as wide (~2.5 minutes on 2 cores)."""
+    monkeypatch.setenv("EANDC_DATA", str(SHARED))
+    [row] = mnist.run("smoke", tmp_path, progress=False)
+    assert row["recovered_widths"] == "2" and row["overhead_percent"] == 0
+    assert row["varying_pixels"] == 784  # noise overlays vary every pixel
+    assert row["median_cosine_distance"] <= 1e-9 and row["max_cosine_distance"] <= 1e-9
+    assert row["relative_logit_rmse"] <= 1e-9
+    assert row["argmax_agreement"] == 1.0
