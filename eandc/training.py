@@ -475,7 +475,8 @@ def choose_finisher(layout: Layout, n_students: int, n: int, subset_rows: int, d
 def train_students(students: StudentBatch, X: torch.Tensor, y: torch.Tensor, *,
                    adam_steps: int = 300, adam_lr: float = 3e-3, subset_rows: int | None = None,
                    max_iter: int = 400, polish_iter: int = 100, compaction_rounds: int = 3,
-                   seed: int = 0, finisher: str = "auto", fixed_layers: int = 0,
+                   compaction_tolerances=COMPACTION_TOLERANCES, seed: int = 0,
+                   finisher: str = "auto", fixed_layers: int = 0,
                    progress: bool = False) -> tuple[StudentBatch, TrainingReport]:
     """Train every student of the batch on (X, y): Adam and LM on a subset, then LM on all rows.
 
@@ -483,11 +484,16 @@ def train_students(students: StudentBatch, X: torch.Tensor, y: torch.Tensor, *,
     ``finisher``: the Levenberg-Marquardt variant, ``"dense"`` (:func:`levenberg_marquardt`),
     ``"matfree"`` (:func:`eandc.matfree.matfree_levenberg_marquardt`) or ``"auto"`` (see
     :func:`choose_finisher`). ``fixed_layers``: how many hidden layers, from the input, stay as
-    they are (layers already clustered and shared by every student). Returns the trained batch
+    they are (layers already clustered and shared by every student). ``compaction_tolerances``:
+    the silent and duplicate tolerances of the successive compaction rounds (at most
+    ``compaction_rounds`` of them; see :func:`compact_students`). Returns the trained batch
     and a :class:`TrainingReport` with relative losses on all of X.
     """
     layout, activation = students.layout, students.activation
     n = X.shape[0]
+    compaction_tolerances = tuple(float(t) for t in compaction_tolerances)
+    if not all(0 < t < 1 for t in compaction_tolerances):
+        raise ValueError(f"compaction tolerances lie in (0, 1), got {compaction_tolerances}")
     if subset_rows is None:
         subset_rows = max(1000, 10 * layout.size)
     finisher = choose_finisher(layout, students.n_students, n, min(n, subset_rows), X.device,
@@ -518,7 +524,7 @@ def train_students(students: StudentBatch, X: torch.Tensor, y: torch.Tensor, *,
     theta, rel, iterations["lm_subset"] = finish(
         theta, layout, activation, Xs, ys, max_iter=max_iter, progress=progress,
         fixed_layers=fixed_layers, desc=f"{name} (subset)" if Xs is not X else name)
-    for tol in COMPACTION_TOLERANCES[:compaction_rounds]:
+    for tol in compaction_tolerances[:compaction_rounds]:
         candidates = torch.nonzero((rel > LOSS_FLOOR) & (rel < COMPACTION_MAX_LOSS)).flatten()
         if len(candidates) == 0:
             break

@@ -113,3 +113,27 @@ def test_fixed_layers_stay_bitwise_unchanged_while_the_rest_trains(finisher):
     assert not torch.equal(w1[1], w0[1]) and not torch.equal(w1[2], w0[2])
     free = ~frozen_parameters(students.theta, layout, fixed_layers=1)
     assert int(free.sum()) == 3 * (layout.size - 4 * 3)
+
+
+def test_compaction_rounds_use_the_tolerances_given(monkeypatch):
+    from eandc import training
+
+    teacher = random_teacher(2, [2], activation="g", seed=0)
+    X = torch.as_tensor(gaussian_inputs(400, 2, seed=1))
+    y = teacher(X)
+    students = init_students(Layout(2, (6,), 1), teacher.activation, 2, y, seed=3)
+    used = []
+    original = training.compact_students
+
+    def compact(*args, silent_tol, duplicate_tol, **kwargs):
+        used.append((silent_tol, duplicate_tol))
+        return original(*args, silent_tol=silent_tol, duplicate_tol=duplicate_tol, **kwargs)
+
+    monkeypatch.setattr(training, "compact_students", compact)
+    monkeypatch.setattr(training, "LOSS_FLOOR", 0.0)  # every student is a compaction candidate
+    monkeypatch.setattr(training, "COMPACTION_MAX_LOSS", float("inf"))
+    train_students(students, X, y, adam_steps=20, max_iter=5, polish_iter=0, compaction_rounds=2,
+                   compaction_tolerances=[0.05, 0.02, 0.01])
+    assert used == [(0.05, 0.05), (0.02, 0.02)]
+    with pytest.raises(ValueError, match="compaction tolerances"):
+        train_students(students, X, y, compaction_tolerances=[0.5, 2.0])
