@@ -44,6 +44,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .classifier import accuracy, predict, train_classifier
+from .compare import compare
+from .data import QUERY_SETS, mnist, query_set, varying_pixels
+from .recover import NoClusterError, expand_and_cluster
 from .storage import write_csv
 from .sweep import run_sweep, stored_rows
 
@@ -95,8 +99,6 @@ def normalize(config: dict) -> dict:
     if unknown:
         raise ValueError(f"unknown configuration key(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
     config = {**DEFAULTS, **config}
-    from .data import QUERY_SETS
-
     bad = set(config["queries"]) - set(QUERY_SETS)
     if bad:
         raise ValueError(f"unknown query set(s) {sorted(bad)}; known: {', '.join(QUERY_SETS)}")
@@ -116,10 +118,8 @@ def build_queries(images: np.ndarray, queries: dict, seed: int = 0) -> np.ndarra
     """The query set of a configuration: ``{"images": True, "noise": n, ...}``, concatenated in
     that order (``"images": True`` is every image, an integer that many of them drawn at
     random); every random set draws from ``images`` with its own seed."""
-    from .data import query_set
-
     parts = []
-    for k, (name, n) in enumerate(sorted(queries.items(), key=lambda kv: kv[0] != "images")):
+    for k, (name, n) in enumerate(_images_first(queries)):
         if name == "images" and n is True:
             parts.append(query_set("images", images))
         elif n:
@@ -129,22 +129,18 @@ def build_queries(images: np.ndarray, queries: dict, seed: int = 0) -> np.ndarra
     return np.concatenate(parts)
 
 
+def _images_first(queries: dict) -> list[tuple]:
+    return sorted(queries.items(), key=lambda kv: kv[0] != "images")
+
+
 def query_description(queries: dict) -> str:
     """``"images + noise 10000"``: the query sets of a configuration, for tables."""
-    return " + ".join(name if n is True else f"{name} {n}"
-                      for name, n in sorted(queries.items(), key=lambda kv: kv[0] != "images") if n)
+    return " + ".join(name if n is True else f"{name} {n}" for name, n in _images_first(queries) if n)
 
 
 def recover_mnist_teacher(config: dict, checkpoint=None):
     """Train the configuration's teacher on MNIST, recover it from the configured queries and
     score the recovery on the held-out images. Returns (metrics, {"network", "teacher"})."""
-    import torch
-
-    from .classifier import accuracy, predict, train_classifier
-    from .compare import compare
-    from .data import mnist, varying_pixels
-    from .recover import NoClusterError, expand_and_cluster
-
     c = normalize(config)
     split = mnist(c["split"], progress=False)
     images, labels = split.images, split.labels
@@ -163,7 +159,7 @@ def recover_mnist_teacher(config: dict, checkpoint=None):
                "teacher_seconds": teacher_seconds, "n_queries": len(X),
                "varying_pixels": int(mask.sum()),
                "constant_pixels": np.flatnonzero(~mask).tolist(), "student_widths": student_widths,
-               "device": "cuda" if torch.cuda.is_available() else "cpu"}
+               "device": "cpu"}  # expand_and_cluster's default device
     try:
         result = expand_and_cluster(teacher, X, c["activation"], len(c["widths"]),
                                     student_widths=student_widths, n_students=c["n_students"],
