@@ -53,7 +53,11 @@ SEEDS = tuple(range(10))
 RHOS = (1, 2, 4, 8)
 N_STUDENTS = 10
 MAX_ITER = 150
-TRAIN_OPTIONS = {"max_iter": MAX_ITER}
+# A coarse first compaction round (3% cosine distance) merges the loose neuron groups of wide
+# students; a recovery that is not exact trains its students once more (RETRAIN_ROUNDS).
+TRAIN_OPTIONS = {"max_iter": MAX_ITER, "compaction_rounds": 4,
+                 "compaction_tolerances": [0.03, 0.01, 1e-3, 1e-4]}
+RETRAIN_ROUNDS = 1
 KIND = "toy"
 COMPANION_ACTIVATIONS = ("tanh", "sigmoid", "softplus", "gelu", "silu", "relu")
 COMPANION_PROBLEMS = [(4, 2, s) for s in range(3)] + [(4, 4, s) for s in range(3)]
@@ -84,7 +88,7 @@ def _config(problem: dict, rho: int) -> dict:
     d, w = problem["d_in"], problem["width"]
     return {"activation": problem["activation"], "d_in": d, "widths": [w], "seed": problem["seed"],
             "rho": rho, "n_queries": n_queries(d, w), "n_students": N_STUDENTS,
-            "train_options": dict(TRAIN_OPTIONS)}
+            "train_options": dict(TRAIN_OPTIONS), "retrain_rounds": RETRAIN_ROUNDS}
 
 
 def configs(rhos=RHOS, activation: str = "g", seeds=SEEDS) -> list[dict]:
