@@ -293,6 +293,10 @@ def _add_recover(commands, common):
     recover.add_argument("--adam-steps", type=int, default=None, help="Adam steps per training")
     recover.add_argument("--max-iter", type=_positive, default=None,
                          help="Levenberg-Marquardt iterations per training phase")
+    recover.add_argument("--retry-max-iter", type=_positive, default=None,
+                         help="when the recovered network is not exact, recover again from the "
+                              "same initial students with this many Levenberg-Marquardt "
+                              "iterations per training phase (default: no retry)")
     recover.add_argument("--finisher", default=None, choices=["auto", "dense", "matfree"],
                          help="second-order finisher: dense Levenberg-Marquardt, matrix-free "
                               "(conjugate gradients, for big students), or auto (default: "
@@ -342,11 +346,12 @@ def recover_command(args) -> int:
         widths = [args.rho * w for w in net.widths]
     train_options = {k: v for k, v in (("adam_steps", args.adam_steps), ("max_iter", args.max_iter),
                                        ("finisher", args.finisher)) if v is not None}
+    retry_with = [{"max_iter": args.retry_max_iter}] if args.retry_max_iter else []
     config = {"command": "recover", "queries": array_hash(X), "targets": array_hash(y),
               "activation": activation, "n_hidden_layers": layers, "student_widths": widths,
               "n_students": args.students, "gamma": args.gamma, "beta": args.beta,
               "seed": args.seed, "prune": not args.no_prune, "train_options": train_options,
-              "device": args.device.type, "eandc": __version__}
+              "retry_with": retry_with, "device": args.device.type, "eandc": __version__}
     key = config_hash(config)
     folder = out / "recover" / key
     say = (lambda *a: None) if args.quiet else print
@@ -371,13 +376,14 @@ def recover_command(args) -> int:
                                 n_students=args.students, gamma=args.gamma, beta=args.beta,
                                 seed=args.seed, device=args.device, progress=not args.quiet,
                                 prune_network=not args.no_prune, train_options=train_options,
-                                checkpoint=checkpoint)
+                                retry_with=retry_with, checkpoint=checkpoint)
     wall = time.perf_counter() - start
     network = result.network.to("cpu")
     metrics = {"widths": result.widths, "clustered_widths": result.clustered_widths,
                "student_widths": result.student_widths, "final_loss": result.final_loss,
                "student_losses": [float(v) for v in result.student_losses[0]],
-               "timings": result.timings, "pruning": result.pruning}
+               "timings": result.timings, "pruning": result.pruning,
+               "attempts": result.attempts}
     if net is not None and teacher.X is None:
         if args.held_out.isdigit():
             name = query_spec.partition(":")[0]

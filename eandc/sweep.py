@@ -101,7 +101,7 @@ RANDOM_TEACHER_DEFAULTS = {
     "activation": "g", "d_in": 2, "widths": [4], "d_out": 1, "seed": 0, "rho": 4,
     "student_widths": None, "n_queries": 10_000, "n_students": 10, "gamma": 0.5,
     "beta": math.pi / 6, "n_held_out": 5_000, "train_options": {}, "distance_tol": 1e-6,
-    "rmse_tol": 1e-6, "retrain_rounds": 0,
+    "rmse_tol": 1e-6, "retry_with": [],
 }
 
 
@@ -136,7 +136,7 @@ def recover_random_teacher(config: dict, checkpoint: Checkpoint | None = None):
                                     student_widths=student_widths, n_students=c["n_students"],
                                     gamma=c["gamma"], beta=c["beta"], seed=c["seed"],
                                     progress=False, train_options=c["train_options"],
-                                    retrain_rounds=c["retrain_rounds"], checkpoint=checkpoint)
+                                    retry_with=c["retry_with"], checkpoint=checkpoint)
     except NoClusterError as error:  # no cluster survived: a failed recovery, recorded as such
         return {"success": False, "error": str(error), "student_widths": student_widths,
                 "widths": [0] * len(c["widths"]),
@@ -147,7 +147,7 @@ def recover_random_teacher(config: dict, checkpoint: Checkpoint | None = None):
                    max_distance=comparison.max_distance, widths=result.widths,
                    clustered_widths=result.clustered_widths, student_widths=result.student_widths,
                    final_loss=result.final_loss, source=result.source,
-                   training_rounds=result.training_rounds,
+                   attempts=result.attempts,
                    student_losses=[float(v) for v in result.student_losses[0]],
                    timings=result.timings)
     return metrics, result.network

@@ -6,6 +6,7 @@ measures the same protocol over many seeds, where some teachers hold neurons the
 determine.
 """
 
+import numpy as np
 import pytest
 
 import eandc
@@ -63,3 +64,28 @@ def test_an_exact_student_rescues_a_recovery_the_clusters_miss():
                                 progress=False, train_options={"max_iter": 150})
     assert result.clustered_widths == [1] and result.source.startswith("student")
     assert eandc.compare(teacher, result.network, eandc.gaussian_inputs(5000, 4, seed=6)).exact(1e-10, 1e-10)
+
+
+
+def test_a_recovery_that_is_not_exact_trains_its_students_again():
+    """g-d2-w6-s0 at the teacher's own width (rho 1): the first recovery is not exact, so with
+    ``retrain_rounds=1`` the students train once more, from where they stopped, and are
+    clustered again; an exact recovery takes no second round; a bad count is named."""
+    teacher = eandc.random_teacher(2, [6], activation="g", seed=0)
+    X = eandc.gaussian_inputs(2000, 2, seed=1)
+    kwargs = dict(student_widths=[6], seed=0, progress=False, consensus_rounds=0,
+                  train_options={"max_iter": 150})
+    once = eandc.expand_and_cluster(teacher, X, "g", **kwargs)
+    assert once.final_loss > 1e-20 and once.training_rounds == 1
+    twice = eandc.expand_and_cluster(teacher, X, "g", retrain_rounds=1, **kwargs)
+    assert twice.training_rounds == 2 and "more training" in twice.timings
+    # the students returned are the ones trained further
+    assert not np.array_equal(twice.students.theta.numpy(), once.students.theta.numpy())
+    easy = eandc.random_teacher(2, [2], activation="g", seed=SEED)
+    Xe = eandc.gaussian_inputs(2000, 2, seed=SEED + 1)
+    result = eandc.expand_and_cluster(easy, Xe, "g", student_widths=[8], seed=SEED,
+                                      progress=False, retrain_rounds=1)
+    assert result.final_loss <= 1e-20 and result.training_rounds == 1
+    assert "more training" not in result.timings
+    with pytest.raises(ValueError, match="retrain_rounds"):
+        eandc.expand_and_cluster(teacher, X, "g", student_widths=[6], retrain_rounds=-1)
