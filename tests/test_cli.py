@@ -89,6 +89,11 @@ def test_recover_from_a_network_file_writes_network_and_report_and_is_not_redone
     assert (folder / "result.json").stat().st_mtime_ns == mtime
     assert main(["recover", "--teacher", "teacher.npz", *FAST, "--seed", "3"]) == 0
     assert len(list(Path("results").glob("recover/*"))) == 2  # another seed, another run
+    assert main(["recover", "--teacher", "teacher.npz", *FAST, "--retry-max-iter", "200"]) == 0
+    reports = [json.loads(f.read_text()) for f in Path("results").glob("recover/*/result.json")]
+    [retry] = [r for r in reports if r["config"]["retry_with"]]
+    assert retry["config"]["retry_with"] == [{"max_iter": 200}]
+    assert retry["metrics"]["attempts"] == 1  # exact at once: no second attempt
 
 
 def test_recover_from_recorded_pairs_and_entry_points(teacher_file, capsys, monkeypatch):
