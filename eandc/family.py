@@ -8,8 +8,8 @@ The paper's toy generator is not published (see ``method-notes.md`` section 4); 
   x seed in ``SEEDS``: 3 x 5 x 10 = 150 problems, from 2 neurons in 8 dimensions (easy: the
   weight vectors are far apart) to 6 neurons in 2 dimensions (hard: crowded weight vectors).
   The widths stop at 6 so that the whole family, 150 problems x 4 factors, runs within two
-  hours on a 2-core CPU (measured: 2.0 single-thread hours, 1.0 h on two workers; the
-  longest run, rho = 8 with 6 neurons in 2 dimensions, 171 s).
+  hours on a 2-core CPU (measured at commit a578d53: 2.6 single-thread hours, 78 min on two
+  workers with the companion sweep; the longest run, g-d2-w6-s0 at rho = 8, 340 s).
 * **Queries**: Gaussian, ``n_queries(d_in, width)`` = max(2000, 5 P) where P is the number of
   parameters of the widest (rho = 8) student, the same queries for every rho of a problem;
   held-out comparison on 5,000 other Gaussian inputs.
