@@ -66,8 +66,8 @@ COMPANION_ACTIVATIONS = ("tanh", "sigmoid", "softplus", "gelu", "silu", "relu")
 COMPANION_PROBLEMS = [(4, 2, s) for s in range(3)] + [(4, 4, s) for s in range(3)]
 SUMMARY_COLUMNS = ("problem_id", "activation", "d_in", "teacher_width", "rho", "seed",
                    "n_students", "n_queries", "success", "recovered_width", "clustered_width",
-                   "source", "attempts", "max_cosine_distance", "relative_rmse", "students_at_zero_loss",
-                   "students_exact", "wall_seconds", "finished", "hash")
+                   "source", "attempts", "max_cosine_distance", "relative_rmse",
+                   "students_at_zero_loss", "students_exact", "wall_seconds", "finished", "hash")
 
 
 def problem_id(activation: str, d_in: int, width: int, seed: int) -> str:
