@@ -30,6 +30,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -476,7 +477,7 @@ def train_students(students: StudentBatch, X: torch.Tensor, y: torch.Tensor, *,
                    adam_steps: int = 300, adam_lr: float = 3e-3, subset_rows: int | None = None,
                    max_iter: int = 400, polish_iter: int = 100, compaction_rounds: int = 3,
                    compaction_tolerances=COMPACTION_TOLERANCES, seed: int = 0,
-                   finisher: str = "auto", fixed_layers: int = 0,
+                   finisher: str = "auto", fixed_layers: int = 0, cg_dtype: str | None = None,
                    progress: bool = False) -> tuple[StudentBatch, TrainingReport]:
     """Train every student of the batch on (X, y): Adam and LM on a subset, then LM on all rows.
 
@@ -486,7 +487,10 @@ def train_students(students: StudentBatch, X: torch.Tensor, y: torch.Tensor, *,
     :func:`choose_finisher`). ``fixed_layers``: how many hidden layers, from the input, stay as
     they are (layers already clustered and shared by every student). ``compaction_tolerances``:
     the silent and duplicate tolerances of the successive compaction rounds (at most
-    ``compaction_rounds`` of them; see :func:`compact_students`). Returns the trained batch
+    ``compaction_rounds`` of them; see :func:`compact_students`). ``cg_dtype``: the precision
+    of the matrix-free finisher's Gauss-Newton products (``"float32"`` halves their cost on a
+    CPU; see :func:`eandc.matfree.matfree_levenberg_marquardt`); the dense finisher has none
+    and refuses it. Returns the trained batch
     and a :class:`TrainingReport` with relative losses on all of X.
     """
     layout, activation = students.layout, students.activation
@@ -501,8 +505,12 @@ def train_students(students: StudentBatch, X: torch.Tensor, y: torch.Tensor, *,
     check_training_memory(layout, students.n_students, n, min(n, subset_rows), X.device,
                           finisher=finisher)
     if finisher == "matfree":
-        from .matfree import matfree_levenberg_marquardt as finish
+        from .matfree import matfree_levenberg_marquardt
+        finish = partial(matfree_levenberg_marquardt, cg_dtype=cg_dtype)
         name = "matrix-free levenberg-marquardt"
+    elif cg_dtype is not None:
+        raise ValueError(f"cg_dtype applies to the matrix-free finisher only (this batch takes "
+                         f"the {finisher} one)")
     else:
         finish, name = levenberg_marquardt, "levenberg-marquardt"
     seconds, iterations = {}, {}

@@ -7,8 +7,9 @@ import torch
 
 import eandc.matfree as matfree
 from eandc import ACTIVATIONS, gaussian_inputs, random_teacher
+from eandc.activations import Activation
 from eandc.checkpoint import Checkpoint
-from eandc.mlp import Layout
+from eandc.mlp import MLP, Layout
 from eandc.resources import ResourceError, check_training_memory, training_memory
 from eandc.storage import load_arrays
 from eandc.training import (
@@ -58,10 +59,10 @@ def test_jacobian_products_match_the_dense_jacobian(activation, widths, skip, d_
     assert _relative_error(matfree.vjp(theta, layout, act, X, u), expected["vjp"]) < 1e-12
 
 
-def _small_system():
+def _small_system(skip=False):
     teacher = random_teacher(2, [4], activation="g", seed=0)
-    X = torch.from_numpy(gaussian_inputs(500, 2, seed=0))
-    layout = Layout(2, (8,), 1)
+    X = torch.from_numpy(gaussian_inputs(500, 2, seed=0)) + 3.0  # far from centred
+    layout = Layout(2, (8,), 1, skip)
     theta = init_students(layout, teacher.activation, 3, teacher(X), seed=1).theta
     out, jac = jacobian(theta, layout, teacher.activation, X)
     jac = jac.flatten(1, 2)
@@ -72,17 +73,44 @@ def _small_system():
     return lin, gram, grad, shift
 
 
-@pytest.mark.parametrize("precondition", [False, True])
-def test_conjugate_gradients_run_to_convergence_equal_the_dense_solve(precondition):
-    lin, gram, grad, shift = _small_system()
+@pytest.mark.parametrize("precondition,skip", [(None, False), ("jacobi", False),
+                                               ("blocks", False), ("blocks", True)])
+def test_conjugate_gradients_run_to_convergence_equal_the_dense_solve(precondition, skip):
+    lin, gram, grad, shift = _small_system(skip)
     eye = torch.eye(gram.shape[1], dtype=gram.dtype)
     exact = torch.linalg.solve(gram + shift[:, None, None] * eye, -grad)
-    diagonal = lin.gauss_newton_diagonal() if precondition else None
+    diagonal = lin.gauss_newton_diagonal()
+    preconditioner = {None: None, "jacobi": matfree.jacobi(diagonal),
+                      "blocks": matfree.InputBlocks(lin.X, lin.layout)(diagonal)}[precondition]
     rtol = torch.full_like(shift, 1e-13)
     step, iterations = matfree.conjugate_gradient(lin.gauss_newton, -grad, shift, rtol, 2000,
-                                                  diagonal)
+                                                  preconditioner)
     assert _relative_error(step, exact) < 1e-9
     assert (iterations < 2000).all()
+
+
+def test_input_blocks_invert_the_first_layer_block_when_its_kronecker_form_is_exact():
+    """With an identity activation and one hidden unit, the first layer's block is
+    c X~^T X~ exactly, and the preconditioner applied to (block + shift) v gives v back."""
+    gen = torch.Generator().manual_seed(3)
+    X = torch.randn(40, 3, dtype=torch.float64, generator=gen) + 2.0
+    layout = Layout(3, (1,), 2)
+    theta = torch.randn(2, layout.size, dtype=torch.float64, generator=gen)
+    act = Activation("identity", lambda z: (z, torch.ones_like(z)), "none")
+    lin = matfree.Linearization(theta, layout, act, X)
+    diagonal = lin.gauss_newton_diagonal()
+    apply = matfree.InputBlocks(X, layout)(diagonal)
+    shift = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    v = torch.randn(2, layout.size, dtype=torch.float64, generator=gen)
+    (w, b), (w_out, b_out) = layout.layer_slices()
+    v[:, w_out] = 0
+    v[:, b_out] = 0
+    gv = lin.gauss_newton(v) + shift[:, None] * v  # only the first layer is moved ...
+    first = torch.cat([torch.arange(w.start, w.stop), torch.arange(b.start, b.stop)])
+    got = apply(gv, shift, None)
+    assert _relative_error(got[:, first], v[:, first]) < 1e-12  # ... and its blocks are exact
+    with pytest.raises(ValueError, match="precondition must be one of"):
+        matfree.matfree_levenberg_marquardt(theta, layout, act, X, lin.outputs(), precondition="x")
 
 
 def test_conjugate_gradients_stop_per_student():
@@ -121,6 +149,41 @@ def test_matrix_free_lm_reaches_the_floor_like_the_dense_lm():
     assert (rel_dense < 1e-20).all()
     assert (rel < 1e-20).all() and iterations < 200
     assert rel.shape == (4,) and trained.shape == theta.shape
+
+
+def test_float32_products_inside_conjugate_gradients_reach_the_same_floor():
+    """Only the Gauss-Newton products are float32: gradients, losses and steps stay float64."""
+    theta, layout, act, X, y = _near_teacher_students(n_students=2)
+    trained, rel, _ = matfree.matfree_levenberg_marquardt(theta, layout, act, X, y, max_iter=200,
+                                                          cg_dtype="float32")
+    assert trained.dtype == torch.float64 and (rel < 1e-20).all(), rel
+    with pytest.raises(ValueError, match="cg_dtype must be"):
+        matfree.matfree_levenberg_marquardt(theta, layout, act, X, y, cg_dtype="float16")
+    students = init_students(layout, act, 2, y, seed=0)
+    with pytest.raises(ValueError, match="matrix-free finisher only"):
+        train_students(students, X, y, finisher="dense", cg_dtype="float32")
+
+
+def test_a_large_network_is_fine_tuned_matrix_free(monkeypatch):
+    """Above DENSE_MAX_PARAMS the fine-tune of a reconstructed network goes matrix-free."""
+    import eandc.training
+    from eandc.reconstruction import finetune
+
+    theta, layout, act, X, y = _near_teacher_students(noise=1e-3, n_students=1)
+    calls = []
+    original = matfree.matfree_levenberg_marquardt
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("desc"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(matfree, "matfree_levenberg_marquardt", spy)
+    net = MLP.from_flat(theta[0], layout, act)
+    _, dense_loss = finetune(net, X, y)
+    assert calls == [] and dense_loss < 1e-20
+    monkeypatch.setattr(eandc.training, "DENSE_MAX_PARAMS", 10)
+    _, loss = finetune(net, X, y)
+    assert calls == ["fine-tune"] and loss < 1e-20
 
 
 def test_exact_conjugate_gradients_follow_the_dense_lm_step_by_step():
