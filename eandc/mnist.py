@@ -76,8 +76,12 @@ PROFILES = {
               "options": {"n_students": 4, "queries": {"images": 1_000, "noise": 2_000},
                           "train_options": {"finisher": "matfree", "max_iter": 60,
                                             "polish_iter": 20}}},
+    # 4 students (2 must agree), the 10,000 images and 2,000 noise overlays (120,000 logits for
+    # 50,890 parameters per student), stages of 12 matrix-free iterations with float32 products
     "standard": {"teachers": [(a, [16], 4) for a in SHALLOW_ACTIVATIONS] + [("g", DEEP_WIDTHS, 3)],
-                 "options": {}},
+                 "options": {"n_students": 4, "queries": {"images": True, "noise": 2_000},
+                             "train_options": {"finisher": "matfree", "max_iter": 12,
+                                               "polish_iter": 10, "cg_dtype": "float32"}}},
     "paper": {"teachers": [(a, [PAPER_WIDTHS[a]], 4) for a in SHALLOW_ACTIVATIONS]
               + [("g", DEEP_WIDTHS, 3)],
               "options": {"n_students": 20, "split": "train", "n_train": 50_000,
