@@ -23,7 +23,8 @@ blow-up); a student that stops leaves the batch and costs nothing more. The conj
 are preconditioned by the diagonal of ``J^T J + lam I`` (Jacobi) or, for many inputs, by blocks
 that keep the correlations between inputs in the first layer (:class:`InputBlocks`: on MNIST
 queries, far fewer conjugate-gradient iterations per step than Jacobi). The products can be
-taken in float32 (``cg_dtype``) while everything else stays float64. Parameters of pruned neurons stay frozen, as in the dense finisher.
+taken in float32 (``cg_dtype``) while everything else stays float64. Parameters of pruned
+neurons stay frozen, as in the dense finisher.
 
 :func:`matfree_levenberg_marquardt` has the dense finisher's return convention and checkpoint
 behaviour (a killed run resumes bitwise from its loop state).

@@ -110,12 +110,14 @@ def normalize(config: dict) -> dict:
     return config
 
 
-def configs(profile: str = "standard") -> list[dict]:
-    """The configurations of :func:`recover_mnist_teacher` for the teachers of ``profile``."""
+def configs(profile: str = "standard", overrides: dict | None = None) -> list[dict]:
+    """The configurations of :func:`recover_mnist_teacher` for the teachers of ``profile``,
+    with ``overrides`` (for example ``{"seed": 1}``) applied to every one."""
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of: {', '.join(PROFILES)}")
     spec = PROFILES[profile]
-    return [normalize({**spec["options"], "activation": a, "widths": list(w), "rho": rho})
+    return [normalize({**spec["options"], "activation": a, "widths": list(w), "rho": rho,
+                       **(overrides or {})})
             for a, w, rho in spec["teachers"]]
 
 
@@ -231,21 +233,23 @@ def write_summary(rows: list[dict], path: str | Path) -> Path:
     return write_csv(rows, SUMMARY_COLUMNS, path)
 
 
-def stored_table(root: str | Path = "results", profiles=tuple(PROFILES)) -> list[dict]:
+def stored_table(root: str | Path = "results", profiles=tuple(PROFILES),
+                 overrides: dict | None = None) -> list[dict]:
     """The tidy table of every profile's runs stored under ``root/mnist`` (computes nothing;
-    runs not stored yet are left out)."""
+    runs not stored yet are left out); ``overrides`` as in :func:`configs`."""
     table = []
     for profile in profiles:
-        rows = stored_rows(configs(profile), TASK, kind=KIND, root=root)
+        rows = stored_rows(configs(profile, overrides), TASK, kind=KIND, root=root)
         table += summary_rows([r for r in rows if r["status"] == "cached"], profile)
     return table
 
 
 def run(profile: str, root: str | Path = "results", *, workers: int = 1, executor=None,
-        progress: bool = True) -> list[dict]:
-    """Run the teachers of ``profile`` that are not stored yet, then rewrite
-    ``root/mnist/summary.csv`` (every profile's stored runs); returns that table."""
-    run_sweep(configs(profile), TASK, kind=KIND, root=root, executor=executor, workers=workers,
+        progress: bool = True, overrides: dict | None = None) -> list[dict]:
+    """Run the teachers of ``profile`` (``overrides`` as in :func:`configs`) that are not stored
+    yet, then rewrite ``root/mnist/summary.csv`` (every profile's stored runs with the default
+    configurations); returns that table."""
+    run_sweep(configs(profile, overrides), TASK, kind=KIND, root=root, executor=executor, workers=workers,
               progress=progress, summary=None,
               threads=max(1, (os.cpu_count() or 1) // max(1, workers)))
     table = stored_table(root)

@@ -26,8 +26,7 @@ import torch
 
 from .clustering import LayerClustering
 from .mlp import MLP, Layout, StudentBatch
-from .training import (choose_finisher, levenberg_marquardt, merge_neurons, pruned_neurons,
-                       zero_neuron)
+from .training import choose_finisher, levenberg_marquardt, merge_neurons, pruned_neurons, zero_neuron
 
 __all__ = ["write_shared_layer", "assemble_network", "fit_linear_term", "align_output_bias",
            "finetune", "prune", "drop_pruned_neurons"]

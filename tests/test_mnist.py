@@ -26,6 +26,10 @@ def test_profiles_hold_the_issue_teachers():
             mnist.normalize(c)
     with pytest.raises(ValueError, match="unknown profile"):
         mnist.configs("huge")
+    assert mnist.configs("standard", {"seed": 0}) == standard  # the default seed: same runs
+    assert {c["seed"] for c in mnist.configs("standard", {"seed": 3})} == {3}
+    with pytest.raises(ValueError, match="unknown configuration key"):
+        mnist.configs("smoke", {"sed": 3})
 
 
 def test_bad_configurations_are_named():
