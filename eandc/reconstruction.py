@@ -264,8 +264,8 @@ def prune(net: MLP, X: torch.Tensor, y: torch.Tensor, *, tol: float = 1e-2,
         changed = False
         tried = set()
         for score, layer, j, into in _candidates(net, X, tol):
-            if (layer, j) in tried or trials >= max_trials:
-                continue
+            if (layer, j) in tried or trials >= max_trials or net.widths[layer] == 1:
+                continue  # a layer keeps at least one neuron
             tried.add((layer, j))
             trials += 1
             trial = _without(net, X, layer, j, into)

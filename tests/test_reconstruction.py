@@ -137,3 +137,14 @@ def test_prune_moves_a_neuron_that_is_linear_on_the_queries_into_the_linear_term
     pruned, loss, _ = prune(extra, X, y)
     assert pruned.widths == [3] and loss < 1e-26
     assert compare(teacher, pruned, gaussian_inputs(2000, 2, seed=5)).relative_rmse < 1e-12
+
+
+def test_prune_keeps_the_last_neuron_of_a_layer():
+    """A one-neuron layer whose neuron is a removal candidate (a ReLU active on every query:
+    linear there) keeps it: a layer cannot have zero neurons."""
+    X = torch.from_numpy(gaussian_inputs(500, 2, seed=0))
+    w, b = torch.tensor([[0.3, -0.4]], dtype=torch.float64), torch.tensor([50.0], dtype=torch.float64)
+    net = MLP([w, torch.tensor([[0.7]], dtype=torch.float64)], [b, torch.zeros(1, dtype=torch.float64)],
+              "relu", skip=torch.zeros(1, 2))
+    pruned, loss, notes = prune(net, X, net(X) + 0.1 * torch.sin(X[:, :1]))
+    assert pruned.widths == [1] and notes == []
