@@ -27,11 +27,11 @@ neuron within cosine distance 6e-16 of the teacher's, argmax agreement 100%, in 
 578 s. With stages of 12 iterations the g and softplus students stopped at relative losses of
 1e-4 to 1e-3 and no teacher neuron was found, and the ReLU students stayed above 1e-8 too
 (that run then stopped on a pruning bug, fixed since); their entries now take stages of 40.
-With those, g's students reach 6e-7 to 2e-4 in 1,145 s: 8 of the 16 neurons are found (the
-stored run), not enough; the finisher's conjugate gradients run at their cap of 250 products
-per iteration there, and that crawl is what the next step has to remove. The deep teacher has
-not been run. From images alone a teacher is not recovered to precision:
-5,000 image queries (605 varying pixels) are fitted to a relative loss of 2e-29, yet the smoke
+With those, g's students reach 6e-7 to 2e-4 (in 1,145 s, on cores shared with another job)
+and agree on 8 of the 16 neurons only (the stored run); the finisher's conjugate gradients run
+at their cap of 250 products per iteration there, and that crawl is what the next step has to
+remove. The deep teacher has not been run. From images alone a teacher is not recovered to
+precision: 5,000 image queries (605 varying pixels) are fitted to a relative loss of 2e-29, yet the smoke
 teacher's neurons are only within cosine distance 0.02-0.03 of the teacher's, since weights
 along directions in which the images hardly vary are barely determined; noise overlays make
 every direction vary.
