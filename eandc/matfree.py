@@ -297,7 +297,8 @@ class InputBlocks:
     def __init__(self, X: torch.Tensor, layout: Layout):
         self.layout, self.n = layout, X.shape[0]
         ones = torch.ones(X.shape[0], 1, dtype=X.dtype, device=X.device)
-        self.scales, self.basis = torch.linalg.eigh(torch.cat([X, ones], 1).T @ torch.cat([X, ones], 1))
+        X1 = torch.cat([X, ones], 1)
+        self.scales, self.basis = torch.linalg.eigh(X1.T @ X1)
         self.scales.clamp_(min=0)
         if layout.skip:
             self.skip_scales, self.skip_basis = torch.linalg.eigh(X.T @ X)

@@ -31,10 +31,10 @@ With those, g's students reach 6e-7 to 2e-4 (in 1,145 s, on cores shared with an
 and agree on 8 of the 16 neurons only (the stored run); the finisher's conjugate gradients run
 at their cap of 250 products per iteration there, and that crawl is what the next step has to
 remove. The deep teacher has not been run. From images alone a teacher is not recovered to
-precision: 5,000 image queries (605 varying pixels) are fitted to a relative loss of 2e-29, yet the smoke
-teacher's neurons are only within cosine distance 0.02-0.03 of the teacher's, since weights
-along directions in which the images hardly vary are barely determined; noise overlays make
-every direction vary.
+precision: 5,000 image queries (605 varying pixels) are fitted to a relative loss of 2e-29, yet
+the smoke teacher's neurons are only within cosine distance 0.02-0.03 of the teacher's, since
+weights along directions in which the images hardly vary are barely determined; noise overlays
+make every direction vary.
 
 ``python -m eandc.mnist --profile standard`` runs a profile's teachers through
 :func:`eandc.sweep.run_sweep` into ``results/mnist/<hash>/`` (``network.npz``, ``teacher.npz``,
@@ -261,8 +261,8 @@ def run(profile: str, root: str | Path = "results", *, workers: int = 1, executo
     """Run the teachers of ``profile`` (``overrides`` as in :func:`configs`) that are not stored
     yet, then rewrite ``root/mnist/summary.csv`` (every profile's stored runs with the default
     configurations); returns that table."""
-    run_sweep(configs(profile, overrides), TASK, kind=KIND, root=root, executor=executor, workers=workers,
-              progress=progress, summary=None,
+    run_sweep(configs(profile, overrides), TASK, kind=KIND, root=root, executor=executor,
+              workers=workers, progress=progress, summary=None,
               threads=max(1, (os.cpu_count() or 1) // max(1, workers)))
     table = stored_table(root)
     write_summary(table, Path(root) / KIND / "summary.csv")

@@ -24,6 +24,7 @@ import logging
 import numpy as np
 import torch
 
+from . import matfree
 from .clustering import LayerClustering
 from .mlp import MLP, Layout, StudentBatch
 from .training import choose_finisher, levenberg_marquardt, merge_neurons, pruned_neurons, zero_neuron
@@ -167,10 +168,7 @@ def finetune(net: MLP, X: torch.Tensor, y: torch.Tensor, max_iter: int = 300, pa
     (a 784-16-10 MNIST network has 12,730 parameters: its dense Gauss-Newton matrix alone would
     take minutes per iteration to build)."""
     finisher = choose_finisher(net.layout, 1, X.shape[0], X.shape[0], X.device)
-    if finisher == "matfree":
-        from .matfree import matfree_levenberg_marquardt as finish
-    else:
-        finish = levenberg_marquardt
+    finish = matfree.matfree_levenberg_marquardt if finisher == "matfree" else levenberg_marquardt
     theta, rel, _ = finish(net.theta[None], net.layout, net.activation, X, y, max_iter=max_iter,
                            patience=patience, progress=progress, desc="fine-tune")
     return MLP.from_flat(theta[0], net.layout, net.activation), float(rel[0])
