@@ -21,6 +21,8 @@ available images (all float64, shape ``(n, 784)``, deterministic given ``seed`` 
 
 * :func:`image_queries`: the images themselves;
 * :func:`noise_overlay_queries`: random images plus i.i.d. Gaussian pixel noise;
+* :func:`contrast_queries`: random images scaled by random factors in ``[-1, 1]`` (negatives
+  included), plus the same noise;
 * :func:`tile_queries`: patchworks whose tiles come from different random images, each tile
   kept at its own position;
 * :func:`query_set`: the same by name (:data:`QUERY_SETS`).
@@ -52,8 +54,8 @@ from .teachers import check_inputs
 __all__ = [
     "MIRRORS", "MNIST_FILES", "MNIST_SHA256", "QUERY_SETS", "ChecksumError", "IdxFormatError",
     "DownloadError", "MnistNotFoundError", "MnistSplit", "mnist", "mnist_folder", "read_idx",
-    "download_file", "sha256_of", "image_queries", "noise_overlay_queries", "tile_queries",
-    "query_set", "varying_pixels",
+    "download_file", "sha256_of", "image_queries", "noise_overlay_queries", "contrast_queries",
+    "tile_queries", "query_set", "varying_pixels",
 ]
 
 log = logging.getLogger(__name__)
@@ -363,11 +365,14 @@ def mnist(split: str, data_dir: str | os.PathLike | None = None, *, download: bo
 
 # --- query sets --------------------------------------------------------------------------------
 
-DEFAULT_NOISE_STD = 0.1  # std of the Gaussian pixel noise of the "noise" query set
+DEFAULT_NOISE_STD = 0.1  # std of the Gaussian pixel noise of the "noise" and "contrast" query sets
+DEFAULT_MAX_FACTOR = 1.0  # the "contrast" query set scales images by factors in [-this, this]
 
 QUERY_SETS = {
     "images": "the images themselves: n of them drawn without replacement (all, in order, if n is None)",
     "noise": f"random images plus N(0, {DEFAULT_NOISE_STD}^2) noise on every pixel, not clipped",
+    "contrast": f"random images times factors uniform in [-{DEFAULT_MAX_FACTOR}, {DEFAULT_MAX_FACTOR}], "
+                f"plus N(0, {DEFAULT_NOISE_STD}^2) noise on every pixel",
     "tiles2x2": "2 x 2 patchworks of quarters of 4 different random images, each at its own position",
     "tiles4x4": "4 x 4 patchworks of 7 x 7 tiles of 16 different random images, each at its own position",
 }
@@ -405,6 +410,34 @@ def noise_overlay_queries(images, n: int, noise_std: float = DEFAULT_NOISE_STD, 
     chosen = rng.integers(0, len(images), size=n)
     queries = images[chosen] + rng.normal(0.0, noise_std, size=(n, images.shape[1]))
     return np.clip(queries, 0.0, 1.0) if clip else queries
+
+
+def contrast_queries(images, n: int, max_factor: float = DEFAULT_MAX_FACTOR,
+                     noise_std: float = DEFAULT_NOISE_STD, seed: int = 0) -> np.ndarray:
+    """``n`` random images, each scaled by its own factor uniform in ``[-max_factor, max_factor]``,
+    plus i.i.d. ``N(0, noise_std^2)`` noise on every pixel.
+
+    Why: a neuron's preactivation on an image, ``w . x + b``, becomes ``a (w . x) + b`` on the
+    image scaled by ``a``; as ``a`` runs over ``[-1, 1]`` it sweeps ``[b - |w . x|, b + |w . x|]``,
+    through the bend of the activation, on both sides. On the images themselves a classifier's
+    neurons sit mostly on one side of it: a linear map explains 98.5-99% of the logits' variance of
+    the standard profile's g, softplus and ReLU teachers on the images and noise overlays, which
+    makes their neurons hard to tell apart (see ``eandc.mnist``).
+
+    Recipe: ``rng = default_rng(seed)``; the images are ``images[rng.integers(0, len(images), n)]``,
+    the factors ``rng.uniform(-max_factor, max_factor, n)``, then the noise
+    ``rng.normal(0, noise_std, (n, d))``.
+    """
+    images = _images(images)
+    n = _check_count(n)
+    if not (max_factor > 0 and np.isfinite(max_factor)):
+        raise ValueError(f"max_factor must be a positive number, got {max_factor}")
+    if not noise_std >= 0:
+        raise ValueError(f"noise_std must be non-negative, got {noise_std}")
+    rng = np.random.default_rng(seed)
+    chosen = rng.integers(0, len(images), size=n)
+    factors = rng.uniform(-max_factor, max_factor, size=n)
+    return factors[:, None] * images[chosen] + rng.normal(0.0, noise_std, size=(n, images.shape[1]))
 
 
 def _grid(tiles) -> tuple[int, int]:
@@ -471,8 +504,9 @@ def query_set(name: str, images, n: int | None = None, seed: int = 0, **options)
 
     ``"images"``: ``n`` images drawn without replacement by ``default_rng(seed).permutation``
     (``n=None``: all of them, in order); ``"noise"``: :func:`noise_overlay_queries` (``options``
-    such as ``noise_std=`` or ``clip=`` are passed on); ``"tiles2x2"`` and ``"tiles4x4"``:
-    :func:`tile_queries` with that grid. Those three need ``n``.
+    such as ``noise_std=`` or ``clip=`` are passed on); ``"contrast"``: :func:`contrast_queries`
+    (``max_factor=``, ``noise_std=``); ``"tiles2x2"`` and ``"tiles4x4"``: :func:`tile_queries`
+    with that grid. All but ``"images"`` need ``n``.
     """
     if name not in QUERY_SETS:
         raise ValueError(f"unknown query set {name!r}; known: {', '.join(QUERY_SETS)}")
@@ -490,6 +524,8 @@ def query_set(name: str, images, n: int | None = None, seed: int = 0, **options)
         raise ValueError(f"query set {name!r} needs the number of queries n")
     if name == "noise":
         return noise_overlay_queries(images, n, seed=seed, **options)
+    if name == "contrast":
+        return contrast_queries(images, n, seed=seed, **options)
     grid = {"tiles2x2": (2, 2), "tiles4x4": (4, 4)}[name]
     return tile_queries(images, n, tiles=grid, seed=seed, **options)
 

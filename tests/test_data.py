@@ -312,6 +312,25 @@ def test_noise_overlay_follows_its_recipe_and_statistics():
         data.noise_overlay_queries(images, 4, noise_std=-1)
 
 
+def test_contrast_queries_follow_their_recipe():
+    images = np.random.default_rng(1).uniform(size=(50, 784))
+    X = data.contrast_queries(images, 400, max_factor=0.5, noise_std=0.2, seed=5)
+    rng = np.random.default_rng(5)
+    chosen = rng.integers(0, 50, size=400)
+    factors = rng.uniform(-0.5, 0.5, size=400)
+    np.testing.assert_array_equal(X, factors[:, None] * images[chosen] + rng.normal(0, 0.2, (400, 784)))
+    assert factors.min() < -0.45 and factors.max() > 0.45  # both signs, the whole range
+    scaled = data.contrast_queries(images, 400, max_factor=0.5, noise_std=0.0, seed=5)
+    ratio = scaled / images[chosen]  # without noise, each query is a multiple of its image
+    np.testing.assert_allclose(ratio, np.broadcast_to(ratio[:, :1], ratio.shape), rtol=1e-12)
+    assert np.abs(ratio).max() <= 0.5
+    np.testing.assert_array_equal(data.contrast_queries(images, 400, 0.5, 0.2, seed=5), X)
+    with pytest.raises(ValueError, match="max_factor"):
+        data.contrast_queries(images, 4, max_factor=0)
+    with pytest.raises(ValueError, match="noise_std"):
+        data.contrast_queries(images, 4, noise_std=-0.1)
+
+
 @pytest.mark.parametrize("tiles, row_edges, col_edges", [((2, 2), [0, 14, 28], [0, 14, 28]),
                                                      (4, [0, 7, 14, 21, 28], [0, 7, 14, 21, 28]),
                                                      ((3, 2), [0, 9, 18, 28], [0, 14, 28])])
@@ -360,7 +379,7 @@ def test_tile_queries_refuse_impossible_requests():
 
 def test_query_set_dispatches_by_name():
     images = labelled_images(40) / (40 * 784)
-    assert set(data.QUERY_SETS) == {"images", "noise", "tiles2x2", "tiles4x4"}
+    assert set(data.QUERY_SETS) == {"images", "noise", "contrast", "tiles2x2", "tiles4x4"}
     np.testing.assert_array_equal(data.query_set("images", images), images)
     chosen = data.query_set("images", images, 10, seed=4)
     np.testing.assert_array_equal(chosen, images[np.random.default_rng(4).permutation(40)[:10]])
@@ -368,6 +387,8 @@ def test_query_set_dispatches_by_name():
                                   data.noise_overlay_queries(images, 30, data.DEFAULT_NOISE_STD, seed=1))
     np.testing.assert_array_equal(data.query_set("noise", images, 30, seed=1, noise_std=0.5),
                                   data.noise_overlay_queries(images, 30, 0.5, seed=1))
+    np.testing.assert_array_equal(data.query_set("contrast", images, 30, seed=1),
+                                  data.contrast_queries(images, 30, 1.0, data.DEFAULT_NOISE_STD, seed=1))
     np.testing.assert_array_equal(data.query_set("tiles2x2", images, 30, seed=1),
                                   data.tile_queries(images, 30, (2, 2), seed=1))
     np.testing.assert_array_equal(data.query_set("tiles4x4", images, 30, seed=1),
