@@ -74,14 +74,16 @@ def _small_system(skip=False):
 
 
 @pytest.mark.parametrize("precondition,skip", [(None, False), ("jacobi", False),
-                                               ("blocks", False), ("blocks", True)])
+                                               ("blocks", False), ("blocks", True),
+                                               ("layers", False), ("layers", True)])
 def test_conjugate_gradients_run_to_convergence_equal_the_dense_solve(precondition, skip):
     lin, gram, grad, shift = _small_system(skip)
     eye = torch.eye(gram.shape[1], dtype=gram.dtype)
     exact = torch.linalg.solve(gram + shift[:, None, None] * eye, -grad)
     diagonal = lin.gauss_newton_diagonal()
     preconditioner = {None: None, "jacobi": matfree.jacobi(diagonal),
-                      "blocks": matfree.InputBlocks(lin.X, lin.layout)(diagonal)}[precondition]
+                      "blocks": matfree.InputBlocks(lin.X, lin.layout)(diagonal),
+                      "layers": matfree.LayerBlocks(lin.X, lin.layout)(lin)}[precondition]
     rtol = torch.full_like(shift, 1e-13)
     step, iterations = matfree.conjugate_gradient(lin.gauss_newton, -grad, shift, rtol, 2000,
                                                   preconditioner)
@@ -111,6 +113,33 @@ def test_input_blocks_invert_the_first_layer_block_when_its_kronecker_form_is_ex
     assert _relative_error(got[:, first], v[:, first]) < 1e-12  # ... and its blocks are exact
     with pytest.raises(ValueError, match="precondition must be one of"):
         matfree.matfree_levenberg_marquardt(theta, layout, act, X, lin.outputs(), precondition="x")
+
+
+def test_layer_blocks_are_exact_where_their_kronecker_form_is():
+    """With an identity activation, the first layer's block is S (x) X~^T X~ exactly, for any
+    width; the output layer's block is exact for any activation. The preconditioner applied to
+    (G + shift) v gives v back on the layer that v moves."""
+    gen = torch.Generator().manual_seed(4)
+    X = torch.randn(60, 3, dtype=torch.float64, generator=gen) + 2.0
+    layout = Layout(3, (4,), 2)
+    theta = torch.randn(2, layout.size, dtype=torch.float64, generator=gen)
+    identity = Activation("identity", lambda z: (z, torch.ones_like(z)), "none")
+    shift = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    (w, b), (w_out, b_out) = layout.layer_slices()
+    first = torch.cat([torch.arange(w.start, w.stop), torch.arange(b.start, b.stop)])
+    second = torch.cat([torch.arange(w_out.start, w_out.stop), torch.arange(b_out.start, b_out.stop)])
+    for act, moved in [(identity, first), (ACTIVATIONS["tanh"], second)]:
+        lin = matfree.Linearization(theta, layout, act, X)
+        apply = matfree.LayerBlocks(X, layout)(lin)
+        v = torch.zeros(2, layout.size, dtype=torch.float64)
+        v[:, moved] = torch.randn(2, len(moved), dtype=torch.float64, generator=gen)
+        got = apply(lin.gauss_newton(v) + shift[:, None] * v, shift, None)
+        assert _relative_error(got[:, moved], v[:, moved]) < 1e-12, act.name
+        rows = torch.tensor([1])
+        got_row = apply((lin.gauss_newton(v) + shift[:, None] * v)[rows], shift[rows], rows)
+        assert _relative_error(got_row[:, moved], v[rows][:, moved]) < 1e-12
+    with pytest.raises(ValueError, match="one hidden layer"):
+        matfree.LayerBlocks(X, Layout(3, (4, 4), 2))
 
 
 def test_conjugate_gradients_stop_per_student():
@@ -195,13 +224,15 @@ def test_exact_conjugate_gradients_follow_the_dense_lm_step_by_step():
     torch.testing.assert_close(rel_free, rel_dense, rtol=1e-4, atol=1e-30)
 
 
-def test_pruned_neurons_stay_frozen():
+@pytest.mark.parametrize("precondition", ["auto", "layers"])
+def test_pruned_neurons_stay_frozen(precondition):
     theta, layout, act, X, y = _near_teacher_students(noise=0.0, n_students=1)
     compact, removed = compact_students(theta, layout, act, X, y)  # the 4 unused neurons go
     assert removed == 4
     frozen = frozen_parameters(compact, layout)
     noisy = compact + 1e-3 * torch.randn(compact.shape, dtype=torch.float64) * (~frozen)
-    trained, rel, _ = matfree.matfree_levenberg_marquardt(noisy, layout, act, X, y, max_iter=100)
+    trained, rel, _ = matfree.matfree_levenberg_marquardt(noisy, layout, act, X, y, max_iter=100,
+                                                          precondition=precondition)
     assert torch.equal(trained[frozen], torch.zeros_like(trained[frozen]))
     assert rel[0] < 1e-20
 
