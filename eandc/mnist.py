@@ -78,6 +78,7 @@ DEFAULTS = {
 }
 
 STANDARD_TRAINING = {"finisher": "matfree", "max_iter": 12, "polish_iter": 10, "cg_dtype": "float32"}
+CONTRAST_QUERIES = {"images": True, "contrast": 2_000}
 # Per profile: (activation, teacher widths, rho[, its own options]) of every teacher, and the
 # options they share.
 PROFILES = {
@@ -91,17 +92,19 @@ PROFILES = {
     # their logits' variance (tanh, sigmoid: 91%), and their students crawled (relative losses
     # 1e-4 to 1e-3 after 12 iterations, 6e-7 to 2e-4 and 8 bogus clusters of 16 for g after 40):
     # they take contrast queries instead of noise overlays (their neurons' preactivations swept
-    # through the bend) and stages of 60
+    # through the bend) and stages of 60; the deep g teacher takes contrast queries too
     "standard": {"teachers": [(a, [16], 4) if a in ("tanh", "sigmoid") else
-                              (a, [16], 4, {"queries": {"images": True, "contrast": 2_000},
+                              (a, [16], 4, {"queries": CONTRAST_QUERIES,
                                             "train_options": {**STANDARD_TRAINING, "max_iter": 60}})
-                              for a in SHALLOW_ACTIVATIONS] + [("g", DEEP_WIDTHS, 3)],
+                              for a in SHALLOW_ACTIVATIONS]
+                 + [("g", DEEP_WIDTHS, 3, {"queries": CONTRAST_QUERIES})],
                  "options": {"n_students": 4, "queries": {"images": True, "noise": 2_000},
                              "train_options": STANDARD_TRAINING}},
     "paper": {"teachers": [(a, [PAPER_WIDTHS[a]], 4) for a in SHALLOW_ACTIVATIONS]
               + [("g", DEEP_WIDTHS, 3)],
               "options": {"n_students": 20, "split": "train", "n_train": 50_000,
-                          "queries": {"images": True, "noise": 50_000, "tiles2x2": 50_000}}},
+                          "queries": {"images": True, "noise": 50_000, "contrast": 50_000,
+                                      "tiles2x2": 50_000}}},
 }
 
 SUMMARY_COLUMNS = ("profile", "activation", "teacher_widths", "student_widths", "recovered_widths",

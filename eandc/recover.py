@@ -28,6 +28,8 @@
    does not reach the loss floor (``EXACT_LOSS``) but a student does, that student computes the
    teacher's function exactly; pruned to the neurons the function needs, it is the teacher up
    to the activation's symmetries (the identifiability result), and it is returned instead.
+   A student at ~zero loss (``ZERO_LOSS``) short of the floor is tried too: its near-duplicate
+   neurons merged, pruned and fine-tuned, it is returned only if that reaches the floor.
    ``source`` says which: ``"clusters"`` or ``"student k"``. This rescues teachers that fewer
    than ``ceil(gamma N)`` students found exactly, the others stalling in near-solutions.
 6. **Retries** (our addition, off by default: ``retry_with``): when the network is still not
@@ -64,7 +66,13 @@ from .reconstruction import (
 )
 from .teachers import check_inputs
 from .teachers import query as query_teacher
-from .training import TrainingReport, format_losses, init_students, train_students
+from .training import (
+    TrainingReport,
+    compact_students,
+    format_losses,
+    init_students,
+    train_students,
+)
 
 __all__ = ["expand_and_cluster", "ExpandAndClusterResult", "find_student_widths",
            "NoClusterError"]
@@ -83,6 +91,10 @@ CONSENSUS_MIN_LOSS = 1e-20  # consensus rounds run only while some student is ab
 # A network reconstructed from the last layer's clusters is exact when its fine-tuned relative loss
 # is below this: the last layer then needs no consensus round.
 EXACT_LOSS = 1e-20
+# The exact-student fallback merges a near-exact student's neurons within this cosine distance
+# (and drops those that contribute less than this share of the targets' spread) before its
+# fine-tune.
+FALLBACK_COMPACTION = 1e-4
 
 
 class NoClusterError(RuntimeError):
@@ -426,14 +438,19 @@ def _with_retries(arguments: dict) -> ExpandAndClusterResult:
 
 
 def _exact_student(batches, X, y, progress):
-    """The lowest-loss student of ``batches`` ((StudentBatch, losses) pairs) when it sits at the
-    loss floor, pruned and fine-tuned: (network, loss, notes, source) if it stays exact, else
-    None."""
+    """The lowest-loss student of ``batches`` ((StudentBatch, losses) pairs) when it is at ~zero
+    loss (``ZERO_LOSS``), its near-duplicate neurons merged (:func:`compact_students`), pruned
+    and fine-tuned: (network, loss, notes, source) if that is exact, else None. (A student
+    stopped at 1e-14 by its training budget can hold the teacher exactly: on MNIST, g's.)"""
     batch, losses = min(batches, key=lambda pair: float(np.min(pair[1])))
     best = int(np.argmin(losses))
-    if float(losses[best]) > EXACT_LOSS:
+    if float(losses[best]) > ZERO_LOSS:
         return None
-    network = drop_pruned_neurons(batch.student(best))
+    theta = batch.theta[best:best + 1]
+    if float(losses[best]) > EXACT_LOSS:
+        theta, _ = compact_students(theta, batch.layout, batch.activation, X, y,
+                                    silent_tol=FALLBACK_COMPACTION, duplicate_tol=FALLBACK_COMPACTION)
+    network = drop_pruned_neurons(MLP.from_flat(theta[0], batch.layout, batch.activation))
     network, loss = finetune(network, X, y, progress=progress)
     network, loss, notes = prune(network, X, y, loss=loss, max_trials=4 * sum(network.widths),
                                  progress=progress)

@@ -8,6 +8,7 @@ determine.
 
 import numpy as np
 import pytest
+import torch
 
 import eandc
 
@@ -66,6 +67,34 @@ def test_an_exact_student_rescues_a_recovery_the_clusters_miss():
     assert eandc.compare(teacher, result.network, eandc.gaussian_inputs(5000, 4, seed=6)).exact(1e-10, 1e-10)
 
 
+
+
+def test_a_near_exact_student_is_merged_pruned_and_fine_tuned_into_the_teacher():
+    """A student at ~zero loss short of the floor (the teacher's neurons, one of them split in
+    two close copies, two unused neurons, all perturbed) is what the fallback turns into the
+    teacher; one far from the teacher is refused."""
+    from eandc.mlp import StudentBatch
+    from eandc.recover import _exact_student
+    from eandc.training import student_losses
+    teacher = eandc.random_teacher(2, [4], activation="g", seed=0)
+    X = torch.from_numpy(eandc.gaussian_inputs(2000, 2, seed=1))
+    y = teacher(X)
+    gen = torch.Generator().manual_seed(2)
+    W, b, A, c = teacher.weights[0], teacher.biases[0], teacher.weights[1], teacher.biases[1]
+    w = torch.cat([W, W[:1], torch.randn(2, 2, dtype=torch.float64, generator=gen)])
+    bias = torch.cat([b, b[:1], torch.randn(2, dtype=torch.float64, generator=gen)])
+    a = torch.cat([A[:, :1] * 0.3, A[:, 1:], A[:, :1] * 0.7, torch.zeros(1, 2, dtype=torch.float64)], 1)
+    layout = eandc.mlp.Layout(2, (7,), 1)
+    theta = layout.flatten([w[None], a[None]], [bias[None], c[None]])
+    theta = theta + 1e-7 * torch.randn(theta.shape, dtype=torch.float64, generator=gen)
+    far = theta + 0.3 * torch.randn(theta.shape, dtype=torch.float64, generator=gen)
+    batch = StudentBatch(torch.cat([theta, far]), layout, teacher.activation)
+    losses = (student_losses(batch.theta, layout, batch.activation, X, y) / y.var(0).mean()).numpy()
+    assert 1e-20 < losses[0] < 1e-8 and losses[1] > 1e-8
+    network, loss, notes, source = _exact_student([(batch, losses)], X, y, progress=False)
+    assert source == "student 0" and loss < 1e-20 and network.widths == [4]
+    assert eandc.compare(teacher, network, X).exact(1e-10, 1e-10)
+    assert _exact_student([(batch, np.array([losses[1], losses[1]]))], X, y, False) is None
 
 
 def test_a_recovery_that_is_not_exact_is_retried_with_a_larger_budget():
