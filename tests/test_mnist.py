@@ -122,7 +122,7 @@ def test_a_run_stores_teacher_network_and_table_and_is_not_redone(tmp_path, monk
                     reason=f"the offline MNIST test split is not at {SHARED}")
 def test_smoke_profile_recovers_a_narrow_mnist_teacher_exactly(tmp_path, monkeypatch):
     """The smoke profile: tanh 784-2-10 trained on 8,000 images, 1,000 images and 2,000 noise
-    overlays as queries, 4 students twice as wide (~2.5 minutes on 2 cores)."""
+    overlays as queries, 4 students twice as wide (~1.5 minutes on 2 cores)."""
     monkeypatch.setenv("EANDC_DATA", str(SHARED))
     [row] = mnist.run("smoke", tmp_path, progress=False)
     assert row["recovered_widths"] == "2" and row["overhead_percent"] == 0

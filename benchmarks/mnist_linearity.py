@@ -1,0 +1,77 @@
+"""How linear is each standard MNIST teacher on each query set?
+
+For every shallow teacher of ``eandc.mnist``'s standard profile and every query set, the share of
+the variance of the teacher's logits that the best affine map of the queries leaves unexplained
+(least squares on ``[X, 1]``; 0: the teacher is linear there), and the share of each neuron's
+preactivations inside ``[-2, 2]``, near the activation's bend. Why the g, softplus and ReLU
+teachers take contrast queries (``eandc.data.contrast_queries``)::
+
+    EANDC_DATA=../shared/data/mnist python benchmarks/mnist_linearity.py
+
+Prints a table and writes ``benchmarks/results/mnist_linearity-<date>-<time>.json``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from eandc import mnist
+from eandc.classifier import train_classifier
+from eandc.data import mnist as load_mnist
+
+QUERY_SETS = {"images + noise 2000": {"images": True, "noise": 2_000},
+              "images + contrast 2000": {"images": True, "contrast": 2_000},
+              "contrast 12000": {"contrast": 12_000}}
+
+
+def unexplained_share(X: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean squared residual of the least-squares affine fit of ``y`` on ``X`` over the mean
+    variance of ``y``'s columns."""
+    design = torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype)], 1)
+    coef = torch.linalg.lstsq(design, y).solution
+    return float(((design @ coef - y) ** 2).mean() / y.var(0).mean())
+
+
+def main() -> None:
+    split = load_mnist("test", progress=False)
+    rows = []
+    for config in mnist.configs("standard"):
+        if len(config["widths"]) != 1:
+            continue
+        teacher = train_classifier(split.images[:config["n_train"]], split.labels[:config["n_train"]],
+                                   config["widths"], config["activation"], n_classes=10,
+                                   epochs=config["teacher_epochs"], lr=config["teacher_lr"],
+                                   seed=config["teacher_seed"], progress=False)
+        for name, queries in QUERY_SETS.items():
+            X = torch.as_tensor(mnist.build_queries(split.images, queries, seed=config["seed"]))
+            y = teacher(X)
+            z = X @ teacher.weights[0].T + teacher.biases[0]
+            near_bend = (z.abs() < 2).double().mean(0).numpy()
+            rows.append({"activation": config["activation"], "queries": name,
+                         "unexplained_share": unexplained_share(X, y),
+                         "near_bend_median": float(np.median(near_bend)),
+                         "near_bend_min": float(near_bend.min())})
+            print(f"{config['activation']:9s} {name:24s} unexplained by an affine map "
+                  f"{rows[-1]['unexplained_share']:.3f}   preactivations in [-2, 2]: median "
+                  f"{rows[-1]['near_bend_median']:.2f}, least {rows[-1]['near_bend_min']:.2f}",
+                  flush=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    record = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), commit=commit,
+                  machine=platform.platform(), torch=torch.__version__, rows=rows)
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    path = out / f"mnist_linearity-{datetime.datetime.now():%Y-%m-%d-%H%M%S}.json"
+    path.write_text(json.dumps(record, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
