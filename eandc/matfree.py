@@ -251,7 +251,7 @@ class Linearization:
         its activities with a column of ones, ``H~^T H~`` ``(N, h + 1, h + 1)``, with the units
         where ``alive`` ``(N, h)`` is 0 (pruned neurons) zeroed (:class:`LayerBlocks`)."""
         slope_gram = hidden_gram = None
-        for Xc, _, _, _, posts, slopes in self._chunks(None):
+        for _, _, _, _, posts, slopes in self._chunks(None):
             s = slopes[0].to(alive.dtype) * alive[:, None, :]
             ones = torch.ones(*s.shape[:2], 1, dtype=s.dtype, device=s.device)
             hidden = torch.cat([posts[0].to(alive.dtype) * alive[:, None, :], ones], 2)
@@ -380,7 +380,7 @@ class LayerBlocks(InputBlocks):
                              "take InputBlocks")
         super().__init__(X, layout)
 
-    def __call__(self, lin: "Linearization"):
+    def __call__(self, lin: Linearization):
         """The preconditioner of :func:`conjugate_gradient` for the students of ``lin``."""
         layout = self.layout
         (w1, b1), (w2, b2) = layout.layer_slices()
