@@ -30,7 +30,7 @@ from .mlp import MLP, Layout, StudentBatch
 from .training import choose_finisher, levenberg_marquardt, merge_neurons, pruned_neurons, zero_neuron
 
 __all__ = ["write_shared_layer", "assemble_network", "fit_linear_term", "align_output_bias",
-           "finetune", "prune", "drop_pruned_neurons"]
+           "finetune", "prune", "drop_pruned_neurons", "widen_last_layer"]
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +172,36 @@ def finetune(net: MLP, X: torch.Tensor, y: torch.Tensor, max_iter: int = 300, pa
     theta, rel, _ = finish(net.theta[None], net.layout, net.activation, X, y, max_iter=max_iter,
                            patience=patience, progress=progress, desc="fine-tune")
     return MLP.from_flat(theta[0], net.layout, net.activation), float(rel[0])
+
+
+def widen_last_layer(net: MLP, X: torch.Tensor, y: torch.Tensor, extra: int, seed: int = 0) -> MLP:
+    """``net`` with ``extra`` fresh neurons in its last hidden layer: incoming weights
+    ``N(0, 1/fan_in)`` and biases ``N(0, 1)`` (as :func:`eandc.training.init_students` draws
+    them), outgoing weights fitted by least squares to what ``net`` leaves of ``y`` (so the
+    widened network fits the queries at least as well as ``net``)."""
+    if not (isinstance(extra, int) and extra >= 1):
+        raise ValueError(f"extra must be a positive integer, got {extra!r}")
+    layer = net.n_hidden_layers - 1
+    weights, biases = list(net.weights), list(net.biases)
+    fan_in = weights[layer].shape[1]
+    gen = torch.Generator().manual_seed(int(seed))
+    like = dict(dtype=torch.float64, device=net.device)
+    w_new = (torch.randn(extra, fan_in, generator=gen, dtype=torch.float64) / fan_in ** 0.5).to(net.device)
+    b_new = torch.randn(extra, generator=gen, dtype=torch.float64).to(net.device)
+    below = X.to(**like) if layer == 0 else net.hidden(X)[layer - 1]
+    h_new = net.activation(below @ w_new.T + b_new)
+    h_centred = h_new - h_new.mean(0)
+    residual = y.to(**like) - net(X)
+    # normal equations: torch.linalg.lstsq's result depends on the buffers' memory alignment in
+    # its last bits on CPU, which would break bitwise reproducible runs
+    gram = h_centred.T @ h_centred
+    gram += 1e-12 * gram.diagonal().mean().clamp_min(1e-300) * torch.eye(extra, **like)
+    a_new = torch.linalg.solve(gram, h_centred.T @ (residual - residual.mean(0)))
+    weights[layer] = torch.cat([weights[layer], w_new])
+    biases[layer] = torch.cat([biases[layer], b_new])
+    weights[layer + 1] = torch.cat([weights[layer + 1], a_new.T], dim=1)
+    biases[layer + 1] = biases[layer + 1] + residual.mean(0) - h_new.mean(0) @ a_new
+    return MLP(weights, biases, net.activation, skip=net.skip, device=net.device)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,15 +24,27 @@
    fine-tuning, such neurons are silent, constant or duplicates; each is removed only if the
    fine-tuned network without it still sits at the loss floor. ``clustered_widths`` reports the
    widths before this step, the paper's count; ``widths`` those after it.
-5. **Exact-student fallback** (our addition, with pruning): when the network of the clusters
-   does not reach the loss floor (``EXACT_LOSS``) but a student does, that student computes the
-   teacher's function exactly; pruned to the neurons the function needs, it is the teacher up
-   to the activation's symmetries (the identifiability result), and it is returned instead.
-   A student at ~zero loss (``ZERO_LOSS``) short of the floor is tried too: its near-duplicate
-   neurons merged, pruned and fine-tuned, it is returned only if that reaches the floor.
-   ``source`` says which: ``"clusters"`` or ``"student k"``. This rescues teachers that fewer
-   than ``ceil(gamma N)`` students found exactly, the others stalling in near-solutions.
-6. **Retries** (our addition, off by default: ``retry_with``): when the network is still not
+5. **Completion** (our addition, with pruning): when the network of the clusters, pruned, is
+   not exact, some teacher neurons were found by too few students. ``n_students`` copies of it,
+   each with fresh random neurons added to its last hidden layer (a quarter of its width, at
+   least ``COMPLETION_MIN_EXTRA``; their outgoing weights fitted to the residual by least
+   squares), are trained; the best is pruned and kept if it fits better. Few free neurons
+   leave the queries far more numerous than the free parameters, so the fresh neurons must take
+   the missing teacher neurons' places (on MNIST, a wide student's 40-odd spare neurons can
+   instead interpolate the 12,000 queries; see step 6).
+6. **Exact-student fallback** (our addition, with pruning): when the network is still not
+   exact but a student sits at the loss floor (``EXACT_LOSS``), that student computes the
+   teacher's function on the queries; pruned to the neurons the function needs, it is the
+   teacher up to the activation's symmetries (the identifiability result) when the queries
+   pin the function down, and it is returned instead. That needs more queries than the pruned
+   student has parameters: a student with more can interpolate them without being the teacher
+   (MNIST, g teacher 784-16-10, 12,000 queries: a student at 1e-14, merged, fine-tuned and
+   pruned to 56 neurons, fitted them to 2e-21, 41 of its neurons matching no teacher neuron, and
+   missed the teacher by 8e-5 on fresh queries), so such a student is refused.
+   ``source`` says which: ``"clusters"``, ``"completion"`` or ``"student k"``. This rescues
+   teachers that fewer than ``ceil(gamma N)`` students found exactly, the others stalling in
+   near-solutions.
+7. **Retries** (our addition, off by default: ``retry_with``): when the network is still not
    exact, everything is done again from the same initial students with a larger training
    budget. Wide students often stall in near-solutions (relative loss 1e-9..1e-14, a teacher
    neuron held by a loose group of neurons); longer Levenberg-Marquardt stages before the
@@ -62,13 +74,13 @@ from .reconstruction import (
     finetune,
     fit_linear_term,
     prune,
+    widen_last_layer,
     write_shared_layer,
 )
 from .teachers import check_inputs
 from .teachers import query as query_teacher
 from .training import (
     TrainingReport,
-    compact_students,
     format_losses,
     init_students,
     train_students,
@@ -91,10 +103,10 @@ CONSENSUS_MIN_LOSS = 1e-20  # consensus rounds run only while some student is ab
 # A network reconstructed from the last layer's clusters is exact when its fine-tuned relative loss
 # is below this: the last layer then needs no consensus round.
 EXACT_LOSS = 1e-20
-# The exact-student fallback merges a near-exact student's neurons within this cosine distance
-# (and drops those that contribute less than this share of the targets' spread) before its
-# fine-tune.
-FALLBACK_COMPACTION = 1e-4
+# The completion (module doc, step 5) adds this share of the last hidden layer's width in fresh
+# neurons, at least COMPLETION_MIN_EXTRA of them.
+COMPLETION_EXTRA = 0.25
+COMPLETION_MIN_EXTRA = 2
 
 
 class NoClusterError(RuntimeError):
@@ -125,7 +137,7 @@ class ExpandAndClusterResult:
     pruning: list[str] = field(default_factory=list)
     students: StudentBatch | None = None
     width_search: list[dict] = field(default_factory=list)
-    source: str = "clusters"  # or "student k": the exact-student fallback (module doc, step 5)
+    source: str = "clusters"  # or "completion", "student k" (module doc, steps 5 and 6)
     attempts: int = 1  # 1 + the retries it took (``retry_with``)
 
     def summary(self) -> str:
@@ -386,6 +398,16 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
                                            progress=options["progress"])
         timings["pruning"] = time.perf_counter() - t0
     source = "clusters"
+    if prune_network and network is not None and final_loss > EXACT_LOSS:
+        t0 = time.perf_counter()
+        completed, completed_loss, completed_notes = _complete(
+            network, X, y, n_students, seed + 7, dict(options, adam_steps=0))
+        timings["completion"] = time.perf_counter() - t0
+        log.info("completion: widths %s -> %s, relative loss %.1e -> %.1e", network.widths,
+                 completed.widths, final_loss, completed_loss)
+        if completed_loss < final_loss:
+            network, final_loss, source = completed, completed_loss, "completion"
+            notes = notes + completed_notes
     if prune_network and final_loss > EXACT_LOSS:
         t0 = time.perf_counter()
         fallback = _exact_student([(expanded, reports[0].relative_losses), (students, losses)],
@@ -393,7 +415,7 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
         timings["fallback"] = time.perf_counter() - t0
         if fallback is not None:
             network, final_loss, notes, source = fallback
-            log.info("the clusters' network is not exact; %s is, once pruned", source)
+            log.info("the recovered network is not exact; %s is, once pruned", source)
     if network is None:
         raise no_cluster
     log.info("recovered widths %s (clusters %s), relative loss %.2e", network.widths,
@@ -437,25 +459,36 @@ def _with_retries(arguments: dict) -> ExpandAndClusterResult:
     return best
 
 
+def _complete(network, X, y, n_students, seed, options):
+    """Step 5 of the module doc: ``n_students`` copies of ``network`` widened by fresh neurons
+    in the last hidden layer, trained (``options``: :func:`train_students` keywords), the best
+    one pruned. Returns (network, relative loss, pruning notes)."""
+    extra = max(COMPLETION_MIN_EXTRA, math.ceil(COMPLETION_EXTRA * network.widths[-1]))
+    wide = [widen_last_layer(network, X, y, extra, seed=seed + 1009 * k) for k in range(n_students)]
+    students, report = train_students(StudentBatch.from_networks(wide), X, y, seed=seed, **options)
+    best = int(np.argmin(report.relative_losses))
+    completed = drop_pruned_neurons(students.student(best))
+    return prune(completed, X, y, loss=float(report.relative_losses[best]),
+                 progress=options["progress"])
+
+
 def _exact_student(batches, X, y, progress):
-    """The lowest-loss student of ``batches`` ((StudentBatch, losses) pairs) when it is at ~zero
-    loss (``ZERO_LOSS``), its near-duplicate neurons merged (:func:`compact_students`), pruned
-    and fine-tuned: (network, loss, notes, source) if that is exact, else None. (A student
-    stopped at 1e-14 by its training budget can hold the teacher exactly: on MNIST, g's.)"""
+    """Step 6 of the module doc: the lowest-loss student of ``batches`` ((StudentBatch, losses)
+    pairs) when it sits at the loss floor, pruned and fine-tuned: (network, loss, notes,
+    source) if it stays exact and has fewer parameters than there are queries, else None."""
     batch, losses = min(batches, key=lambda pair: float(np.min(pair[1])))
     best = int(np.argmin(losses))
-    if float(losses[best]) > ZERO_LOSS:
-        return None
-    theta = batch.theta[best:best + 1]
     if float(losses[best]) > EXACT_LOSS:
-        theta, _ = compact_students(theta, batch.layout, batch.activation, X, y,
-                                    silent_tol=FALLBACK_COMPACTION, duplicate_tol=FALLBACK_COMPACTION)
-    network = drop_pruned_neurons(MLP.from_flat(theta[0], batch.layout, batch.activation))
+        return None
+    network = drop_pruned_neurons(batch.student(best))
     network, loss = finetune(network, X, y, progress=progress)
     network, loss, notes = prune(network, X, y, loss=loss, max_trials=4 * sum(network.widths),
                                  progress=progress)
     if loss > EXACT_LOSS:
         return None
+    if network.n_parameters >= X.shape[0]:
+        log.warning("%s fits the queries exactly but has %d parameters for %d queries: it may "
+                    "interpolate them without being the teacher; refused", f"student {best}",
+                    network.n_parameters, X.shape[0])
+        return None
     return network, loss, notes, f"student {best}"
-
-

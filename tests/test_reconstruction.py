@@ -148,3 +148,29 @@ def test_prune_keeps_the_last_neuron_of_a_layer():
               "relu", skip=torch.zeros(1, 2))
     pruned, loss, notes = prune(net, X, net(X) + 0.1 * torch.sin(X[:, :1]))
     assert pruned.widths == [1] and notes == []
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_widen_last_layer_adds_fresh_neurons_fitted_to_the_residual(depth):
+    """The widened network keeps every old weight, adds ``extra`` neurons to its last hidden
+    layer only, and fits the queries at least as well (least-squares outgoing weights); the same
+    seed draws the same neurons; a bad ``extra`` is named."""
+    from eandc.reconstruction import widen_last_layer
+    teacher = random_teacher(3, [5] * depth, activation="tanh", seed=2)
+    X = torch.from_numpy(gaussian_inputs(500, 3, seed=0))
+    y = teacher(X)
+    weights, biases = list(teacher.weights), list(teacher.biases)  # less its last neuron
+    weights[-2], biases[-2], weights[-1] = weights[-2][:-1], biases[-2][:-1], weights[-1][:, :-1]
+    net = MLP(weights, biases, "tanh")
+    wide = widen_last_layer(net, X, y, 3, seed=5)
+    assert wide.widths == net.widths[:-1] + [net.widths[-1] + 3]
+    for old, new in zip(net.weights[:-1], wide.weights[:-1]):
+        assert torch.equal(new[:old.shape[0], :old.shape[1]], old)
+    assert torch.equal(wide.weights[-1][:, :net.widths[-1]], net.weights[-1])
+    loss = lambda m: float(((m(X) - y) ** 2).mean())  # noqa: E731
+    assert loss(wide) <= loss(net)
+    again = widen_last_layer(net, X, y, 3, seed=5).theta
+    assert torch.allclose(again, wide.theta, rtol=0, atol=1e-12)
+    assert not torch.allclose(widen_last_layer(net, X, y, 3, seed=6).theta, wide.theta)
+    with pytest.raises(ValueError, match="extra"):
+        widen_last_layer(net, X, y, 0)

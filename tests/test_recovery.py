@@ -54,25 +54,39 @@ def test_student_width_is_found_by_doubling_when_not_given():
     assert result.widths == [2]
 
 
-def test_an_exact_student_rescues_a_recovery_the_clusters_miss():
+def test_a_recovery_the_clusters_miss_is_completed():
     """Toy family g-d4-w2-s4 at rho 4: four of ten students fit the teacher exactly, the others
-    stall near 1e-7, so no second cluster holds five students; the best student, pruned, is the
-    teacher (exact-student fallback)."""
+    stall near 1e-7, so no second cluster holds five students; the clusters' network (one
+    neuron), widened by fresh neurons and trained (completion), is the teacher. (Before the
+    completion, the exact-student fallback rescued it.)"""
     from eandc import family
     teacher = eandc.random_teacher(4, [2], activation="g", seed=4)
     X = eandc.gaussian_inputs(family.n_queries(4, 2), 4, seed=5)
     result = eandc.expand_and_cluster(teacher, X, "g", student_widths=[8], n_students=10, seed=4,
                                 progress=False, train_options={"max_iter": 150})
-    assert result.clustered_widths == [1] and result.source.startswith("student")
+    assert result.clustered_widths == [1] and result.source == "completion", result.summary()
     assert eandc.compare(teacher, result.network, eandc.gaussian_inputs(5000, 4, seed=6)).exact(1e-10, 1e-10)
 
 
 
 
-def test_a_near_exact_student_is_merged_pruned_and_fine_tuned_into_the_teacher():
-    """A student at ~zero loss short of the floor (the teacher's neurons, one of them split in
-    two close copies, two unused neurons, all perturbed) is what the fallback turns into the
-    teacher; one far from the teacher is refused."""
+def _padded_student(teacher, gen, noise):
+    """The teacher 2-4-1 with its first neuron split in two copies (outgoing 0.3 and 0.7 of the
+    original) and two unused random neurons, perturbed by ``noise``: a (1, 35) theta."""
+    W, b, A, c = teacher.weights[0], teacher.biases[0], teacher.weights[1], teacher.biases[1]
+    w = torch.cat([W, W[:1], torch.randn(2, 2, dtype=torch.float64, generator=gen)])
+    bias = torch.cat([b, b[:1], torch.randn(2, dtype=torch.float64, generator=gen)])
+    a = torch.cat([A[:, :1] * 0.3, A[:, 1:], A[:, :1] * 0.7, torch.zeros(1, 2, dtype=torch.float64)], 1)
+    layout = eandc.mlp.Layout(2, (7,), 1)
+    theta = layout.flatten([w[None], a[None]], [bias[None], c[None]])
+    return theta + noise * torch.randn(theta.shape, dtype=torch.float64, generator=gen), layout
+
+
+def test_the_fallback_takes_only_a_student_at_the_floor_with_fewer_parameters_than_queries():
+    """A student at the loss floor holding the teacher (split and padded) is pruned into it; the
+    same student perturbed to ~1e-12 is not taken, nor is the exact one from fewer queries than
+    the pruned network has parameters (it could interpolate them without being the teacher:
+    what a wide MNIST g student did)."""
     from eandc.mlp import StudentBatch
     from eandc.recover import _exact_student
     from eandc.training import student_losses
@@ -80,21 +94,40 @@ def test_a_near_exact_student_is_merged_pruned_and_fine_tuned_into_the_teacher()
     X = torch.from_numpy(eandc.gaussian_inputs(2000, 2, seed=1))
     y = teacher(X)
     gen = torch.Generator().manual_seed(2)
-    W, b, A, c = teacher.weights[0], teacher.biases[0], teacher.weights[1], teacher.biases[1]
-    w = torch.cat([W, W[:1], torch.randn(2, 2, dtype=torch.float64, generator=gen)])
-    bias = torch.cat([b, b[:1], torch.randn(2, dtype=torch.float64, generator=gen)])
-    a = torch.cat([A[:, :1] * 0.3, A[:, 1:], A[:, :1] * 0.7, torch.zeros(1, 2, dtype=torch.float64)], 1)
-    layout = eandc.mlp.Layout(2, (7,), 1)
-    theta = layout.flatten([w[None], a[None]], [bias[None], c[None]])
-    theta = theta + 1e-7 * torch.randn(theta.shape, dtype=torch.float64, generator=gen)
-    far = theta + 0.3 * torch.randn(theta.shape, dtype=torch.float64, generator=gen)
-    batch = StudentBatch(torch.cat([theta, far]), layout, teacher.activation)
+    exact, layout = _padded_student(teacher, gen, 0.0)
+    near, _ = _padded_student(teacher, torch.Generator().manual_seed(2), 1e-7)
+    batch = StudentBatch(torch.cat([exact, near]), layout, teacher.activation)
     losses = (student_losses(batch.theta, layout, batch.activation, X, y) / y.var(0).mean()).numpy()
-    assert 1e-20 < losses[0] < 1e-8 and losses[1] > 1e-8
+    assert losses[0] < 1e-28 and 1e-20 < losses[1] < 1e-8
     network, loss, notes, source = _exact_student([(batch, losses)], X, y, progress=False)
     assert source == "student 0" and loss < 1e-20 and network.widths == [4]
     assert eandc.compare(teacher, network, X).exact(1e-10, 1e-10)
     assert _exact_student([(batch, np.array([losses[1], losses[1]]))], X, y, False) is None
+    few = X[:teacher.n_parameters]  # 17 queries for 17 parameters
+    few_losses = (student_losses(batch.theta, layout, batch.activation, few, teacher(few))
+                  / teacher(few).var(0).mean()).numpy()
+    assert few_losses[0] < 1e-28
+    assert _exact_student([(batch, few_losses)], few, teacher(few), False) is None
+
+
+def test_completion_finds_the_neuron_the_clusters_missed():
+    """The clusters' network short of one teacher neuron (g 2-4-1 less its third neuron, output
+    layer refitted): widened by fresh neurons and trained, the best copy, pruned, is the
+    teacher."""
+    from eandc.recover import _complete
+    from eandc.reconstruction import finetune
+    teacher = eandc.random_teacher(2, [4], activation="g", seed=0)
+    X = torch.from_numpy(eandc.gaussian_inputs(4000, 2, seed=1))
+    y = teacher(X)
+    keep = [0, 1, 3]
+    partial = eandc.MLP([teacher.weights[0][keep], teacher.weights[1][:, keep]],
+                        [teacher.biases[0][keep], teacher.biases[1]], "g")
+    partial, partial_loss = finetune(partial, X, y)
+    assert partial_loss > 1e-6
+    network, loss, notes = _complete(partial, X, y, 4, 0, {"progress": False, "adam_steps": 0})
+    assert network.widths == [4] and loss < 1e-20, notes
+    assert eandc.compare(teacher, network, torch.from_numpy(eandc.gaussian_inputs(2000, 2, seed=3))
+                         ).exact(1e-10, 1e-10)
 
 
 def test_a_recovery_that_is_not_exact_is_retried_with_a_larger_budget():
