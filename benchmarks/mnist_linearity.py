@@ -28,6 +28,7 @@ from eandc.data import mnist as load_mnist
 
 QUERY_SETS = {"images + noise 2000": {"images": True, "noise": 2_000},
               "images + contrast 2000": {"images": True, "contrast": 2_000},
+              "images + contrast 10000": {"images": True, "contrast": 10_000},
               "contrast 12000": {"contrast": 12_000}}
 
 
