@@ -32,10 +32,10 @@ exactly too (width 16, every neuron within cosine distance 6e-16, argmax agreeme
 1,208 s and 1,382 s. The ReLU teacher is not: its students (relative losses 9e-9 to 5e-8)
 agree on 10 clusters; completed, the network holds 12 neurons (relative loss 5e-7 on the
 queries, argmax agreement 99.95%), in 1,352 s. The deep teacher is not stored yet. From
-images alone a teacher is not recovered to precision: 5,000 image queries (605 varying pixels) are fitted to a relative loss of 2e-29, yet
-the smoke teacher's neurons are only within cosine distance 0.02-0.03 of the teacher's, since
-weights along directions in which the images hardly vary are barely determined; noise overlays
-make every direction vary.
+images alone a teacher is not recovered to precision: 5,000 image queries (605 varying
+pixels) are fitted to a relative loss of 2e-29, yet the smoke teacher's neurons are only
+within cosine distance 0.02-0.03 of the teacher's, since weights along directions in which the
+images hardly vary are barely determined; noise overlays make every direction vary.
 
 ``python -m eandc.mnist --profile standard`` runs a profile's teachers through
 :func:`eandc.sweep.run_sweep` into ``results/mnist/<hash>/`` (``network.npz``, ``teacher.npz``,

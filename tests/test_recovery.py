@@ -114,8 +114,8 @@ def test_completion_finds_the_neuron_the_clusters_missed():
     """The clusters' network short of one teacher neuron (g 2-4-1 less its third neuron, output
     layer refitted): widened by fresh neurons and trained, the best copy, pruned, is the
     teacher."""
-    from eandc.recover import _complete
     from eandc.reconstruction import finetune
+    from eandc.recover import _complete
     teacher = eandc.random_teacher(2, [4], activation="g", seed=0)
     X = torch.from_numpy(eandc.gaussian_inputs(4000, 2, seed=1))
     y = teacher(X)
