@@ -79,12 +79,7 @@ from .reconstruction import (
 )
 from .teachers import check_inputs
 from .teachers import query as query_teacher
-from .training import (
-    TrainingReport,
-    format_losses,
-    init_students,
-    train_students,
-)
+from .training import TrainingReport, format_losses, init_students, train_students
 
 __all__ = ["expand_and_cluster", "ExpandAndClusterResult", "find_student_widths",
            "NoClusterError"]
