@@ -80,6 +80,8 @@ DEFAULTS = {
 
 STANDARD_TRAINING = {"finisher": "matfree", "max_iter": 12, "polish_iter": 10, "cg_dtype": "float32"}
 CONTRAST_QUERIES = {"images": True, "contrast": 10_000}
+# The options of the teachers whose logits are nearly linear on the images (see "standard").
+CONTRAST_OPTIONS = {"queries": CONTRAST_QUERIES, "train_options": {**STANDARD_TRAINING, "max_iter": 30}}
 # Per profile: (activation, teacher widths, rho[, its own options]) of every teacher, and the
 # options they share.
 PROFILES = {
@@ -96,11 +98,9 @@ PROFILES = {
     # swept through the bend: one g neuron's preactivation is in [-2, 2] on 5% of the images
     # and noise overlays, on 24% of the images and 10,000 contrast queries) and stages of 30;
     # the deep g teacher takes them too
-    "standard": {"teachers": [(a, [16], 4) if a in ("tanh", "sigmoid") else
-                              (a, [16], 4, {"queries": CONTRAST_QUERIES,
-                                            "train_options": {**STANDARD_TRAINING, "max_iter": 30}})
+    "standard": {"teachers": [(a, [16], 4) if a in ("tanh", "sigmoid") else (a, [16], 4, CONTRAST_OPTIONS)
                               for a in SHALLOW_ACTIVATIONS]
-                 + [("g", DEEP_WIDTHS, 3, {"queries": CONTRAST_QUERIES})],
+                 + [("g", DEEP_WIDTHS, 3, CONTRAST_OPTIONS)],
                  "options": {"n_students": 4, "queries": {"images": True, "noise": 2_000},
                              "train_options": STANDARD_TRAINING}},
     "paper": {"teachers": [(a, [PAPER_WIDTHS[a]], 4) for a in SHALLOW_ACTIVATIONS]

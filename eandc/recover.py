@@ -28,7 +28,8 @@
    not exact, some teacher neurons were found by too few students. ``n_students`` copies of it,
    each with fresh random neurons added to its last hidden layer (a quarter of its width, at
    least ``COMPLETION_MIN_EXTRA``; their outgoing weights fitted to the residual by least
-   squares), are trained; the best is pruned and kept if it fits better. Few free neurons
+   squares), are trained; the best is pruned and kept if it fits better, and the round is
+   repeated from it (at most ``COMPLETION_ROUNDS``) while it fits better. Few free neurons
    leave the queries far more numerous than the free parameters, so the fresh neurons must take
    the missing teacher neurons' places (on MNIST, a wide student's 40-odd spare neurons can
    instead interpolate the 12,000 queries; see step 6).
@@ -102,6 +103,8 @@ EXACT_LOSS = 1e-20
 # neurons, at least COMPLETION_MIN_EXTRA of them.
 COMPLETION_EXTRA = 0.25
 COMPLETION_MIN_EXTRA = 2
+# Completion rounds at most; each widens the network the round before left, while it fits better.
+COMPLETION_ROUNDS = 4
 
 
 class NoClusterError(RuntimeError):
@@ -396,13 +399,11 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
     if prune_network and network is not None and final_loss > EXACT_LOSS:
         t0 = time.perf_counter()
         completed, completed_loss, completed_notes = _complete(
-            network, X, y, n_students, seed + 7, dict(options, adam_steps=0))
-        timings["completion"] = time.perf_counter() - t0
-        log.info("completion: widths %s -> %s, relative loss %.1e -> %.1e", network.widths,
-                 completed.widths, final_loss, completed_loss)
+            network, final_loss, X, y, n_students, seed + 7, dict(options, adam_steps=0))
         if completed_loss < final_loss:
             network, final_loss, source = completed, completed_loss, "completion"
             notes = notes + completed_notes
+        timings["completion"] = time.perf_counter() - t0
     if prune_network and final_loss > EXACT_LOSS:
         t0 = time.perf_counter()
         fallback = _exact_student([(expanded, reports[0].relative_losses), (students, losses)],
@@ -454,8 +455,26 @@ def _with_retries(arguments: dict) -> ExpandAndClusterResult:
     return best
 
 
-def _complete(network, X, y, n_students, seed, options):
-    """Step 5 of the module doc: ``n_students`` copies of ``network`` widened by fresh neurons
+def _complete(network, loss, X, y, n_students, seed, options, rounds=COMPLETION_ROUNDS):
+    """Step 5 of the module doc: rounds of :func:`_completion_round` while they fit better, at
+    most ``rounds``, until one is exact. Returns (network, relative loss, notes) of
+    the last better round (``network``, ``loss`` and no notes when none was)."""
+    notes = []
+    for round_ in range(rounds):
+        completed, completed_loss, round_notes = _completion_round(
+            network, X, y, n_students, seed + 1013 * round_, options)
+        log.info("completion round %d: widths %s -> %s, relative loss %.1e -> %.1e", round_ + 1,
+                 network.widths, completed.widths, loss, completed_loss)
+        if completed_loss >= loss:
+            break
+        network, loss, notes = completed, completed_loss, notes + round_notes
+        if loss <= EXACT_LOSS:
+            break
+    return network, loss, notes
+
+
+def _completion_round(network, X, y, n_students, seed, options):
+    """One completion round: ``n_students`` copies of ``network`` widened by fresh neurons
     in the last hidden layer, trained (``options``: :func:`train_students` keywords), the best
     one pruned. Returns (network, relative loss, pruning notes)."""
     extra = max(COMPLETION_MIN_EXTRA, math.ceil(COMPLETION_EXTRA * network.widths[-1]))

@@ -124,8 +124,31 @@ def test_completion_finds_the_neuron_the_clusters_missed():
                         [teacher.biases[0][keep], teacher.biases[1]], "g")
     partial, partial_loss = finetune(partial, X, y)
     assert partial_loss > 1e-6
-    network, loss, notes = _complete(partial, X, y, 4, 0, {"progress": False, "adam_steps": 0})
+    network, loss, notes = _complete(partial, partial_loss, X, y, 4, 0,
+                                     {"progress": False, "adam_steps": 0})
     assert network.widths == [4] and loss < 1e-20, notes
+    assert eandc.compare(teacher, network, torch.from_numpy(eandc.gaussian_inputs(2000, 2, seed=3))
+                         ).exact(1e-10, 1e-10)
+
+
+def test_completion_rounds_go_on_while_they_fit_better():
+    """Half of a g 2-6-1 teacher (neurons 0, 2, 4, output layer refitted): a round adds two fresh
+    neurons, so one round cannot reach the teacher; the rounds go on from the better network
+    and the second is exact, the teacher."""
+    from eandc.reconstruction import finetune
+    from eandc.recover import _complete
+    teacher = eandc.random_teacher(2, [6], activation="g", seed=1)
+    X = torch.from_numpy(eandc.gaussian_inputs(4000, 2, seed=1))
+    y = teacher(X)
+    keep = [0, 2, 4]
+    partial = eandc.MLP([teacher.weights[0][keep], teacher.weights[1][:, keep]],
+                        [teacher.biases[0][keep], teacher.biases[1]], "g")
+    partial, partial_loss = finetune(partial, X, y)
+    options = {"progress": False, "adam_steps": 0}
+    one, one_loss, _ = _complete(partial, partial_loss, X, y, 4, 0, options, rounds=1)
+    assert one.widths == [5] and 1e-20 < one_loss < partial_loss
+    network, loss, notes = _complete(partial, partial_loss, X, y, 4, 0, options)
+    assert network.widths == [6] and loss < 1e-20, notes
     assert eandc.compare(teacher, network, torch.from_numpy(eandc.gaussian_inputs(2000, 2, seed=3))
                          ).exact(1e-10, 1e-10)
 
