@@ -2,8 +2,10 @@
 
 For every shallow teacher of ``eandc.mnist``'s standard profile and every query set, the share of
 the variance of the teacher's logits that the best affine map of the queries leaves unexplained
-(least squares on ``[X, 1]``; 0: the teacher is linear there), and the share of each neuron's
-preactivations inside ``[-2, 2]``, near the activation's bend. Why the g, softplus and ReLU
+(least squares on ``[X, 1]``; 0: the teacher is linear there), the share of each neuron's
+preactivations inside ``[-2, 2]``, near the activation's bend, and the neurons silent on every
+query (``eandc.compare.silent_neurons``: a ReLU neuron inactive on all of them, which no recovery
+from those queries can find). Why the g, softplus and ReLU
 teachers take contrast queries (``eandc.data.contrast_queries``)::
 
     EANDC_DATA=../shared/data/mnist python benchmarks/mnist_linearity.py
@@ -24,6 +26,7 @@ import torch
 
 from eandc import mnist
 from eandc.classifier import train_classifier
+from eandc.compare import silent_neurons
 from eandc.data import mnist as load_mnist
 
 QUERY_SETS = {"images + noise 2000": {"images": True, "noise": 2_000},
@@ -58,10 +61,12 @@ def main() -> None:
             rows.append({"activation": config["activation"], "queries": name,
                          "unexplained_share": unexplained_share(X, y),
                          "near_bend_median": float(np.median(near_bend)),
-                         "near_bend_min": float(near_bend.min())})
+                         "near_bend_min": float(near_bend.min()),
+                         "silent_neurons": silent_neurons(teacher, X)[0]})
             print(f"{config['activation']:9s} {name:24s} unexplained by an affine map "
                   f"{rows[-1]['unexplained_share']:.3f}   preactivations in [-2, 2]: median "
-                  f"{rows[-1]['near_bend_median']:.2f}, least {rows[-1]['near_bend_min']:.2f}",
+                  f"{rows[-1]['near_bend_median']:.2f}, least {rows[-1]['near_bend_min']:.2f}   silent "
+                  f"neurons {rows[-1]['silent_neurons']}",
                   flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip()

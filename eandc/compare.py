@@ -9,8 +9,10 @@ into the recovered network's coordinates through the matches found for the layer
 
 The outgoing-weight error is ``|a_rec - a_teacher| / |a_teacher|`` for the matched neuron of the
 last hidden layer, after undoing sign and scale. Excess neurons are recovered neurons that are
-no teacher neuron's best match. RMSE and relative RMSE (RMSE over the standard deviation of the
-teacher's outputs) are measured on the inputs given, which should be held out from the queries.
+no teacher neuron's best match. :func:`silent_neurons` names the neurons whose output is the same
+on every input given: on the queries, no recovery can see their incoming weights. RMSE and
+relative RMSE (RMSE over the standard deviation of the teacher's outputs) are measured on the
+inputs given, which should be held out from the queries.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from .mlp import MLP
 from .teachers import check_inputs
 
-__all__ = ["compare", "Comparison", "LayerComparison"]
+__all__ = ["compare", "Comparison", "LayerComparison", "silent_neurons"]
 
 
 @dataclass
@@ -189,3 +191,18 @@ def compare(teacher: MLP, recovered: MLP, X, feature_mask=None) -> Comparison:
     rmse = float((f_t - f_r).square().mean().sqrt())
     spread = float(f_t.var(dim=0, unbiased=False).mean().sqrt()) or 1.0
     return Comparison(teacher.widths, recovered.widths, layers, rmse, rmse / spread)
+
+
+def silent_neurons(network: MLP, X) -> list[list[int]]:
+    """Per hidden layer, the neurons of ``network`` whose output is the same on every row of ``X``
+    (a ReLU neuron inactive on all of them, for example). On queries ``X`` such a neuron adds a
+    constant: the queries say nothing of its incoming weights, so no recovery from them can find
+    it (the next layer's biases absorb it)."""
+    if not isinstance(network, MLP):
+        raise TypeError("silent_neurons needs an eandc.MLP network (use MLP.load for a saved one)")
+    X = check_inputs(X)
+    if X.shape[1] != network.d_in:
+        raise ValueError(f"X has {X.shape[1]} columns, the network {network.d_in} inputs")
+    with torch.no_grad():
+        hidden = network.hidden(X.to(network.device))
+    return [torch.nonzero(h.amax(0) == h.amin(0)).flatten().tolist() for h in hidden]

@@ -54,7 +54,7 @@ from pathlib import Path
 import numpy as np
 
 from .classifier import accuracy, predict, train_classifier
-from .compare import compare
+from .compare import compare, silent_neurons
 from .data import QUERY_SETS, mnist, query_set, varying_pixels
 from .recover import NoClusterError, expand_and_cluster
 from .storage import write_csv
@@ -115,7 +115,7 @@ SUMMARY_COLUMNS = ("profile", "activation", "teacher_widths", "student_widths", 
                    "paper_recovered_width", "median_cosine_distance", "max_cosine_distance",
                    "logit_rmse", "relative_logit_rmse", "argmax_agreement", "teacher_accuracy",
                    "recovered_accuracy", "query_set", "n_queries", "varying_pixels",
-                   "wall_seconds", "device", "finished", "hash")
+                   "silent_teacher_neurons", "wall_seconds", "device", "finished", "hash")
 
 
 def normalize(config: dict) -> dict:
@@ -187,6 +187,7 @@ def recover_mnist_teacher(config: dict, checkpoint=None):
     metrics = {"teacher_accuracy": accuracy(teacher, held_out, held_labels),
                "teacher_seconds": teacher_seconds, "n_queries": len(X),
                "varying_pixels": int(mask.sum()),
+               "silent_teacher_neurons": silent_neurons(teacher, X),
                "constant_pixels": np.flatnonzero(~mask).tolist(), "student_widths": student_widths,
                "device": "cpu"}  # expand_and_cluster's default device
     try:
@@ -239,7 +240,10 @@ def summary_rows(rows: list[dict], profile: str) -> list[dict]:
             "teacher_accuracy": m.get("teacher_accuracy"),
             "recovered_accuracy": m.get("recovered_accuracy"),
             "query_set": query_description(c["queries"]), "n_queries": m.get("n_queries"),
-            "varying_pixels": m.get("varying_pixels"), "wall_seconds": r.get("wall_seconds"),
+            "varying_pixels": m.get("varying_pixels"),
+            "silent_teacher_neurons": ("-".join(str(len(v)) for v in m["silent_teacher_neurons"])
+                                       if "silent_teacher_neurons" in m else None),
+            "wall_seconds": r.get("wall_seconds"),
             "device": m.get("device"), "finished": r.get("finished"), "hash": r["hash"]})
     return table
 

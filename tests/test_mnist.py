@@ -66,6 +66,23 @@ def test_comparison_leaves_masked_inputs_out():
         eandc.compare(teacher, recovered, X, feature_mask=np.ones(3, dtype=bool))
 
 
+def test_silent_neurons_are_those_constant_on_every_query():
+    """A ReLU neuron inactive on every query computes a constant there: named per layer, and
+    found again by a narrower query set that leaves another neuron inactive too."""
+    from eandc.compare import silent_neurons
+    teacher = eandc.random_teacher(3, [4, 2], activation="relu", seed=0)
+    teacher.biases[0][1] = -100.0  # inactive on any query of norm below ~100
+    X = eandc.gaussian_inputs(500, 3, seed=1)
+    assert silent_neurons(teacher, X)[0] == [1]
+    w = teacher.weights[0][2]
+    narrow = X[(X @ w.numpy() + teacher.biases[0][2].item()) < 0]  # neuron 2 inactive on these
+    assert silent_neurons(teacher, narrow)[0] == [1, 2]
+    with pytest.raises(ValueError, match="columns"):
+        silent_neurons(teacher, X[:, :2])
+    with pytest.raises(TypeError, match="MLP"):
+        silent_neurons(teacher.to_torch(), X)
+
+
 def _row(activation, widths, metrics):
     config = mnist.normalize({"activation": activation, "widths": widths})
     return {"hash": "h" + activation, "config": config, "metrics": metrics, "wall_seconds": 12.5,
@@ -112,6 +129,7 @@ def test_a_run_stores_teacher_network_and_table_and_is_not_redone(tmp_path, monk
     teacher = eandc.MLP.load(run.folder / "teacher.npz")
     assert teacher.widths == [2] and teacher.d_in == 784 and teacher.d_out == 10
     assert len(run.metrics["constant_pixels"]) == 784 - row["varying_pixels"]
+    assert run.metrics["silent_teacher_neurons"] == [[]] and row["silent_teacher_neurons"] == "0"
     with open(tmp_path / "mnist" / "summary.csv") as f:
         assert [r["hash"] for r in csv.DictReader(f)] == [row["hash"]]
     again = mnist.run("smoke", tmp_path, progress=False)  # stored: nothing is recomputed
