@@ -51,6 +51,22 @@ def test_queries_are_the_images_then_the_augmented_sets():
     assert mnist.query_description({"images": True, "noise": 10}) == "images + noise 10"
 
 
+def test_a_query_set_entry_may_carry_options():
+    """``{"n": n, **options}``: the options reach the query set (same rows as calling it with
+    them), the description names them, and an entry without its count is refused."""
+    images = np.random.default_rng(0).uniform(size=(30, 16))
+    queries = {"images": True, "contrast": {"n": 6, "max_factor": 3.0, "noise_std": 0.0}}
+    X = mnist.build_queries(images, queries, seed=3)
+    wide = eandc.data.contrast_queries(images, 6, max_factor=3.0, noise_std=0.0, seed=3 + 101)
+    assert np.array_equal(X[30:], wide)
+    assert np.abs(X[30:]).max() > 1.0  # beyond the [-1, 1] of the default factors
+    assert mnist.query_description(queries) == "images + contrast 6 (max_factor 3.0, noise_std 0.0)"
+    with pytest.raises(ValueError, match="'n'"):
+        mnist.build_queries(images, {"contrast": {"max_factor": 3.0}})
+    with pytest.raises(TypeError):
+        mnist.build_queries(images, {"contrast": {"n": 6, "blur": 1.0}})
+
+
 def test_comparison_leaves_masked_inputs_out():
     teacher = eandc.random_teacher(4, [3], activation="tanh", seed=0)
     weights = [w.clone() for w in teacher.weights]
