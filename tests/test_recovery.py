@@ -110,47 +110,48 @@ def test_the_fallback_takes_only_a_student_at_the_floor_with_fewer_parameters_th
     assert _exact_student([(batch, few_losses)], few, teacher(few), False) is None
 
 
-def test_completion_finds_the_neuron_the_clusters_missed():
-    """The clusters' network short of one teacher neuron (g 2-4-1 less its third neuron, output
-    layer refitted): widened by fresh neurons and trained, the best copy, pruned, is the
-    teacher."""
+def _partial_teacher(width, keep, seed):
+    """A g 2-``width``-1 teacher, its queries, and the network of its neurons ``keep`` only,
+    the output layer refitted: a clusters' network that missed the other neurons."""
     from eandc.reconstruction import finetune
-    from eandc.recover import _complete
-    teacher = eandc.random_teacher(2, [4], activation="g", seed=0)
+    teacher = eandc.random_teacher(2, [width], activation="g", seed=seed)
     X = torch.from_numpy(eandc.gaussian_inputs(4000, 2, seed=1))
     y = teacher(X)
-    keep = [0, 1, 3]
     partial = eandc.MLP([teacher.weights[0][keep], teacher.weights[1][:, keep]],
                         [teacher.biases[0][keep], teacher.biases[1]], "g")
     partial, partial_loss = finetune(partial, X, y)
+    return teacher, X, y, partial, partial_loss
+
+
+def _is_teacher(network, teacher):
+    held_out = torch.from_numpy(eandc.gaussian_inputs(2000, 2, seed=3))
+    return eandc.compare(teacher, network, held_out).exact(1e-10, 1e-10)
+
+
+def test_completion_finds_the_neuron_the_clusters_missed():
+    """The clusters' network short of one teacher neuron (g 2-4-1 less its third neuron):
+    widened by fresh neurons and trained, the best copy, pruned, is the teacher."""
+    from eandc.recover import _complete
+    teacher, X, y, partial, partial_loss = _partial_teacher(4, [0, 1, 3], seed=0)
     assert partial_loss > 1e-6
     network, loss, notes = _complete(partial, partial_loss, X, y, 4, 0,
                                      {"progress": False, "adam_steps": 0})
     assert network.widths == [4] and loss < 1e-20, notes
-    assert eandc.compare(teacher, network, torch.from_numpy(eandc.gaussian_inputs(2000, 2, seed=3))
-                         ).exact(1e-10, 1e-10)
+    assert _is_teacher(network, teacher)
 
 
 def test_completion_rounds_go_on_while_they_fit_better():
-    """Half of a g 2-6-1 teacher (neurons 0, 2, 4, output layer refitted): a round adds two fresh
-    neurons, so one round cannot reach the teacher; the rounds go on from the better network
-    and the second is exact, the teacher."""
-    from eandc.reconstruction import finetune
+    """Half of a g 2-6-1 teacher (neurons 0, 2, 4): a round adds two fresh neurons, so one round
+    cannot reach the teacher; the rounds go on from the better network and the second is
+    exact, the teacher."""
     from eandc.recover import _complete
-    teacher = eandc.random_teacher(2, [6], activation="g", seed=1)
-    X = torch.from_numpy(eandc.gaussian_inputs(4000, 2, seed=1))
-    y = teacher(X)
-    keep = [0, 2, 4]
-    partial = eandc.MLP([teacher.weights[0][keep], teacher.weights[1][:, keep]],
-                        [teacher.biases[0][keep], teacher.biases[1]], "g")
-    partial, partial_loss = finetune(partial, X, y)
+    teacher, X, y, partial, partial_loss = _partial_teacher(6, [0, 2, 4], seed=1)
     options = {"progress": False, "adam_steps": 0}
     one, one_loss, _ = _complete(partial, partial_loss, X, y, 4, 0, options, rounds=1)
     assert one.widths == [5] and 1e-20 < one_loss < partial_loss
     network, loss, notes = _complete(partial, partial_loss, X, y, 4, 0, options)
     assert network.widths == [6] and loss < 1e-20, notes
-    assert eandc.compare(teacher, network, torch.from_numpy(eandc.gaussian_inputs(2000, 2, seed=3))
-                         ).exact(1e-10, 1e-10)
+    assert _is_teacher(network, teacher)
 
 
 def test_a_recovery_that_is_not_exact_is_retried_with_a_larger_budget():
