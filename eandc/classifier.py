@@ -4,8 +4,11 @@ Expand-and-Cluster is judged on teachers whose weights are known. For MNIST the 
 MLPs ``784 -> widths -> 10`` trained here on images and labels, and then treated as black boxes
 (queries in, logits out). The recipe of :func:`train_classifier`:
 
-* initialisation: weights ``N(0, 1 / fan_in)``, biases ``N(0, 1)`` for hidden units (every
-  neuron starts with a distinct incoming vector), output biases 0; ``numpy.random.default_rng(seed)``;
+* initialisation: weights ``N(0, 1 / fan_in)``, biases ``N(0, bias_std^2)`` for hidden units
+  (default ``bias_std`` 1: every neuron starts with a distinct incoming vector), output biases
+  0; ``numpy.random.default_rng(seed)``. A ReLU neuron whose bias lies below the range of its
+  ``w . x`` over the images is dead on all of them from the start and stays so (no gradient
+  reaches it); a smaller ``bias_std`` avoids that;
 * loss: cross-entropy of the logits (the output layer is linear, as in every eandc MLP);
 * optimiser: Adam, learning rate ``lr`` (default 1e-3), mini-batches of ``batch_size`` (128)
   reshuffled each epoch, ``epochs`` passes (default 30), in float32 (the teacher's weights are
@@ -47,7 +50,7 @@ def _check_labels(labels, n: int, n_classes: int | None) -> np.ndarray:
 
 
 def train_classifier(X, labels, widths, activation="g", *, n_classes=None, epochs=30, lr=1e-3,
-                     batch_size=128, seed=0, progress=True) -> MLP:
+                     batch_size=128, bias_std=1.0, seed=0, progress=True) -> MLP:
     """An MLP ``d_in -> widths -> n_classes`` trained on (X, labels) by the recipe in the module doc."""
     X = check_inputs(X, name="images")
     labels = _check_labels(labels, X.shape[0], n_classes)
@@ -57,13 +60,15 @@ def train_classifier(X, labels, widths, activation="g", *, n_classes=None, epoch
         raise ValueError(f"widths must be positive integers, got {widths}")
     if epochs < 1 or batch_size < 1 or not lr > 0:
         raise ValueError("epochs, batch_size and lr must be positive")
+    if not bias_std >= 0:
+        raise ValueError(f"bias_std must be >= 0, got {bias_std}")
     act = get_activation(activation)
     rng = np.random.default_rng(seed)
     sizes = [X.shape[1], *widths, n_classes]
     params = []
     for l, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         w = rng.normal(0.0, 1.0 / math.sqrt(fan_in), size=(fan_out, fan_in))
-        b = rng.normal(0.0, 1.0, size=fan_out) if l < len(widths) else np.zeros(fan_out)
+        b = rng.normal(0.0, bias_std, size=fan_out) if l < len(widths) else np.zeros(fan_out)
         params += [torch.tensor(w, dtype=torch.float32, requires_grad=True),
                    torch.tensor(b, dtype=torch.float32, requires_grad=True)]
     optimizer = torch.optim.Adam(params, lr=lr)
