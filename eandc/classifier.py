@@ -8,7 +8,7 @@ MLPs ``784 -> widths -> 10`` trained here on images and labels, and then treated
   (default ``bias_std`` 1: every neuron starts with a distinct incoming vector), output biases
   0; ``numpy.random.default_rng(seed)``. A ReLU neuron whose bias lies below the range of its
   ``w . x`` over the images is dead on all of them from the start and stays so (no gradient
-  reaches it); a smaller ``bias_std`` avoids that;
+  reaches it); a smaller ``bias_std`` makes that rarer;
 * loss: cross-entropy of the logits (the output layer is linear, as in every eandc MLP);
 * optimiser: Adam, learning rate ``lr`` (default 1e-3), mini-batches of ``batch_size`` (128)
   reshuffled each epoch, ``epochs`` passes (default 30), in float32 (the teacher's weights are

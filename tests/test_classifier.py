@@ -6,6 +6,7 @@ import torch
 
 import eandc
 from eandc.classifier import accuracy, predict, train_classifier
+from eandc.compare import silent_neurons
 
 
 def blobs(n=600, seed=0):
@@ -49,3 +50,20 @@ def test_labels_beyond_n_classes_and_bad_widths_are_refused():
         train_classifier(X, labels, [2], n_classes=2, epochs=1, progress=False)
     with pytest.raises(ValueError, match="widths"):
         train_classifier(X, labels, [0], epochs=1, progress=False)
+
+
+def test_bias_std_sets_the_spread_of_the_initial_hidden_biases():
+    """bias_std 1 is the default recipe (same teacher). On inputs in [0, 1], N(0, 1) biases
+    leave ReLU neurons negative on every input, which never learn and stay so; with bias_std 0
+    only those whose w . x is never positive are."""
+    rng = np.random.default_rng(0)
+    X = rng.uniform(0, 1, size=(300, 50)) * (rng.uniform(size=(300, 1)) < 0.5)
+    labels = (X.sum(1) > np.median(X.sum(1))).astype(int)
+    default = train_classifier(X, labels, [40], "relu", epochs=1, seed=3, progress=False)
+    one = train_classifier(X, labels, [40], "relu", epochs=1, bias_std=1.0, seed=3, progress=False)
+    zero = train_classifier(X, labels, [40], "relu", epochs=1, bias_std=0.0, seed=3, progress=False)
+    assert torch.equal(default.theta, one.theta)
+    dead_one, dead_zero = silent_neurons(one, X)[0], silent_neurons(zero, X)[0]
+    assert len(dead_zero) < len(dead_one) / 2, (dead_zero, dead_one)
+    with pytest.raises(ValueError, match="bias_std"):
+        train_classifier(X, labels, [4], "relu", epochs=1, bias_std=-1.0, progress=False)

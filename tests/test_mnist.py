@@ -32,6 +32,18 @@ def test_profiles_hold_the_issue_teachers():
         mnist.configs("smoke", {"sed": 3})
 
 
+def test_later_keys_stay_out_of_a_configuration_at_their_default():
+    """A key added after runs were stored (``LATER_DEFAULTS``) appears only where it differs
+    from its default, so the stored configurations keep their hashes."""
+    base = mnist.normalize({"activation": "tanh"})
+    assert "teacher_bias_std" not in base
+    assert mnist.normalize({"activation": "tanh", "teacher_bias_std": 1.0}) == base
+    assert mnist.normalize({"activation": "tanh", "teacher_bias_std": 0.0})["teacher_bias_std"] == 0.0
+    relu = [c for c in mnist.configs("standard") if c["activation"] == "relu"]
+    assert relu[0]["teacher_bias_std"] == 0.0
+    assert all("teacher_bias_std" not in c for c in mnist.configs("standard") if c["activation"] != "relu")
+
+
 def test_bad_configurations_are_named():
     with pytest.raises(ValueError, match="unknown configuration key"):
         mnist.normalize({"width": 3})
