@@ -27,7 +27,6 @@ import numpy as np
 import torch
 
 from eandc import mnist
-from eandc.classifier import train_classifier
 from eandc.compare import silent_neurons
 from eandc.data import mnist as load_mnist
 
@@ -57,10 +56,7 @@ def main() -> None:
     for config in mnist.configs("standard"):
         if len(config["widths"]) != 1:
             continue
-        teacher = train_classifier(split.images[:config["n_train"]], split.labels[:config["n_train"]],
-                                   config["widths"], config["activation"], n_classes=10,
-                                   epochs=config["teacher_epochs"], lr=config["teacher_lr"],
-                                   seed=config["teacher_seed"], progress=False)
+        teacher = mnist.train_teacher(config, split.images, split.labels)
         for name, queries in QUERY_SETS.items():
             X = torch.as_tensor(mnist.build_queries(split.images, queries, seed=config["seed"]))
             y = teacher(X)

@@ -63,7 +63,7 @@ from .recover import NoClusterError, expand_and_cluster
 from .storage import write_csv
 from .sweep import run_sweep, stored_rows
 
-__all__ = ["PAPER_WIDTHS", "PAPER_RECOVERED", "PROFILES", "configs", "recover_mnist_teacher",
+__all__ = ["PAPER_WIDTHS", "PAPER_RECOVERED", "PROFILES", "configs", "train_teacher", "recover_mnist_teacher",
            "build_queries", "summary_rows", "write_summary", "stored_table", "run"]
 
 KIND = "mnist"
@@ -205,6 +205,16 @@ def query_description(queries: dict) -> str:
     return " + ".join(parts)
 
 
+def train_teacher(config: dict, images: np.ndarray, labels: np.ndarray):
+    """The configuration's teacher, trained on the first ``n_train`` of ``images`` (its recipe:
+    :func:`eandc.classifier.train_classifier` with the configuration's ``teacher_*`` keys)."""
+    c = normalize(config)
+    return train_classifier(images[:c["n_train"]], labels[:c["n_train"]], c["widths"], c["activation"],
+                            n_classes=10, epochs=c["teacher_epochs"], lr=c["teacher_lr"],
+                            bias_std=c.get("teacher_bias_std", LATER_DEFAULTS["teacher_bias_std"]),
+                            seed=c["teacher_seed"], progress=False)
+
+
 def recover_mnist_teacher(config: dict, checkpoint=None):
     """Train the configuration's teacher on MNIST, recover it from the configured queries and
     score the recovery on the held-out images. Returns (metrics, {"network", "teacher"})."""
@@ -215,10 +225,7 @@ def recover_mnist_teacher(config: dict, checkpoint=None):
         raise ValueError(f"n_train must leave held-out images: 0 < n_train < {len(images)}")
     held_out, held_labels = images[c["n_train"]:], labels[c["n_train"]:]
     start = time.perf_counter()
-    teacher = train_classifier(images[:c["n_train"]], labels[:c["n_train"]], c["widths"],
-                               c["activation"], n_classes=10, epochs=c["teacher_epochs"], lr=c["teacher_lr"],
-                               bias_std=c.get("teacher_bias_std", LATER_DEFAULTS["teacher_bias_std"]),
-                               seed=c["teacher_seed"], progress=False)
+    teacher = train_teacher(c, images, labels)
     teacher_seconds = time.perf_counter() - start
     X = build_queries(images, c["queries"], seed=c["seed"])
     mask = varying_pixels(X)
