@@ -66,8 +66,9 @@ from .recover import NoClusterError, expand_and_cluster
 from .storage import write_csv
 from .sweep import run_sweep, stored_rows
 
-__all__ = ["PAPER_WIDTHS", "PAPER_RECOVERED", "PROFILES", "configs", "train_teacher", "recover_mnist_teacher",
-           "build_queries", "summary_rows", "write_summary", "stored_table", "run"]
+__all__ = ["PAPER_WIDTHS", "PAPER_RECOVERED", "PROFILES", "configs", "train_teacher",
+           "recover_mnist_teacher", "build_queries", "summary_rows", "write_summary", "stored_table",
+           "run"]
 
 KIND = "mnist"
 TASK = "eandc.mnist:recover_mnist_teacher"
