@@ -291,6 +291,8 @@ def _add_recover(commands, common):
     _recovery_options(recover)
     recover.add_argument("--no-prune", action="store_true", help="keep every kept cluster")
     recover.add_argument("--adam-steps", type=int, default=None, help="Adam steps per training")
+    recover.add_argument("--adam-batch", type=_positive, default=None,
+                         help="rows per Adam step (default: all of them, full-batch steps)")
     recover.add_argument("--max-iter", type=_positive, default=None,
                          help="Levenberg-Marquardt iterations per training phase")
     recover.add_argument("--retry-max-iter", type=_positive, default=None,
@@ -344,8 +346,9 @@ def recover_command(args) -> int:
     widths = args.student_widths
     if widths is None and net is not None:
         widths = [args.rho * w for w in net.widths]
-    train_options = {k: v for k, v in (("adam_steps", args.adam_steps), ("max_iter", args.max_iter),
-                                       ("finisher", args.finisher)) if v is not None}
+    train_options = {k: v for k, v in (("adam_steps", args.adam_steps), ("adam_batch", args.adam_batch),
+                                       ("max_iter", args.max_iter), ("finisher", args.finisher))
+                     if v is not None}
     retry_with = [{"max_iter": args.retry_max_iter}] if args.retry_max_iter else []
     config = {"command": "recover", "queries": array_hash(X), "targets": array_hash(y),
               "activation": activation, "n_hidden_layers": layers, "student_widths": widths,

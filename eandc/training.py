@@ -42,7 +42,7 @@ from .fast import loss_and_gradient
 from .mlp import Layout, StudentBatch, forward
 from .resources import available_memory, check_training_memory, training_memory
 
-__all__ = ["init_students", "train_students", "adam_phase", "levenberg_marquardt",
+__all__ = ["init_students", "train_students", "adam_phase", "epoch_order", "levenberg_marquardt",
            "student_losses", "jacobian", "choose_finisher", "TrainingReport"]
 
 log = logging.getLogger(__name__)
@@ -301,15 +301,25 @@ class TrainingReport:
                     lambda saved, info, theta, *a, **k: saved["theta"].to(theta.device))
 def adam_phase(theta: torch.Tensor, layout: Layout, activation: Activation, X: torch.Tensor,
                y: torch.Tensor, steps: int, lr: float = 3e-3, progress: bool = False,
-               gradient: str = "fused", fixed_layers: int = 0) -> torch.Tensor:
-    """``steps`` full-batch Adam steps on the sum of the students' losses (each its own gradient).
+               gradient: str = "fused", fixed_layers: int = 0, batch_size: int | None = None,
+               seed: int = 0) -> torch.Tensor:
+    """``steps`` Adam steps on the sum of the students' losses (each its own gradient).
 
-    ``gradient``: ``"fused"`` (analytic, :func:`eandc.fast.loss_and_gradient`, 2-2.5x faster on
-    CPU), ``"compiled"`` (the same with the activation through ``torch.compile``: no consistent
-    gain measured) or ``"autograd"`` (the reference: autograd through :func:`forward`).
+    ``batch_size``: ``None`` (or at least the number of rows) for full-batch steps; else each
+    step takes the next ``batch_size`` rows of an epoch's random order of the rows
+    (:func:`epoch_order`, from ``seed``), every student the same rows, as the published recipe
+    does. ``gradient``: ``"fused"`` (analytic, :func:`eandc.fast.loss_and_gradient`, 2-2.5x
+    faster on CPU), ``"compiled"`` (the same with the activation through ``torch.compile``: no
+    consistent gain measured) or ``"autograd"`` (the reference: autograd through
+    :func:`forward`).
     """
     if gradient not in GRADIENTS:
         raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
+    n = X.shape[0]
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                   or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+    per_epoch = math.ceil(n / batch_size) if batch_size is not None and batch_size < n else 1
     fixed = frozen_parameters(theta, layout, fixed_layers) if fixed_layers else None
     theta = theta.detach().clone().requires_grad_(True)
     optimizer = torch.optim.Adam([theta], lr=lr)
@@ -319,13 +329,20 @@ def adam_phase(theta: torch.Tensor, layout: Layout, activation: Activation, X: t
             theta.copy_(saved.state[0]["theta"])
         checkpoint.load_adam_state(optimizer, theta, saved.state[0])
         start = saved.state[1]["step"]
+    Xb, yb, order = X, y, None
     for step in tqdm(range(start, steps), desc="adam", disable=not progress, leave=False):
         optimizer.zero_grad(set_to_none=True)
+        if per_epoch > 1:
+            epoch, k = divmod(step, per_epoch)
+            if order is None or k == 0:  # also mid-epoch when resuming: the order is recomputed
+                order = epoch_order(n, seed, epoch).to(X.device)
+            rows = order[k * batch_size:(k + 1) * batch_size]
+            Xb, yb = X[rows], y[rows]
         if gradient == "autograd":
-            loss = (forward(theta, layout, activation, X) - y).square().mean(dim=(1, 2)).sum()
+            loss = (forward(theta, layout, activation, Xb) - yb).square().mean(dim=(1, 2)).sum()
             loss.backward()
         else:
-            theta.grad = loss_and_gradient(theta, layout, activation, X, y,
+            theta.grad = loss_and_gradient(theta, layout, activation, Xb, yb,
                                            compiled=gradient == "compiled")[1]
         if fixed is not None:
             theta.grad.masked_fill_(fixed, 0.0)  # Adam then leaves these entries unchanged
@@ -333,6 +350,13 @@ def adam_phase(theta: torch.Tensor, layout: Layout, activation: Activation, X: t
         if saved.due():
             saved.save(dict(checkpoint.adam_state(optimizer, theta), theta=theta), {"step": step + 1})
     return theta.detach()
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of the ``n`` rows in minibatch epoch ``epoch`` of :func:`adam_phase` (a
+    function of ``seed`` and ``epoch`` only, so a resumed run meets the same minibatches)."""
+    gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+    return torch.randperm(n, generator=gen)
 
 
 LM_STATE = ("theta", "lam", "nu", "best", "best_at", "sse", "active", "frozen")
@@ -474,7 +498,8 @@ def choose_finisher(layout: Layout, n_students: int, n: int, subset_rows: int, d
         TrainingReport(saved["rel"].numpy(), info["iterations"], info["seconds"],
                        info.get("finisher", "dense"))))
 def train_students(students: StudentBatch, X: torch.Tensor, y: torch.Tensor, *,
-                   adam_steps: int = 300, adam_lr: float = 3e-3, subset_rows: int | None = None,
+                   adam_steps: int = 300, adam_lr: float = 3e-3, adam_batch: int | None = None,
+                   subset_rows: int | None = None,
                    max_iter: int = 400, polish_iter: int = 100, compaction_rounds: int = 3,
                    compaction_tolerances=COMPACTION_TOLERANCES, seed: int = 0,
                    finisher: str = "auto", fixed_layers: int = 0, cg_dtype: str | None = None,
@@ -482,6 +507,7 @@ def train_students(students: StudentBatch, X: torch.Tensor, y: torch.Tensor, *,
     """Train every student of the batch on (X, y): Adam and LM on a subset, then LM on all rows.
 
     ``subset_rows`` defaults to ``max(1000, 10 P)`` rows (all of them when there are fewer).
+    ``adam_batch``: rows per Adam step (``None``: all the subset's rows; see :func:`adam_phase`).
     ``finisher``: the Levenberg-Marquardt variant, ``"dense"`` (:func:`levenberg_marquardt`),
     ``"matfree"`` (:func:`eandc.matfree.matfree_levenberg_marquardt`) or ``"auto"`` (see
     :func:`choose_finisher`). ``fixed_layers``: how many hidden layers, from the input, stay as
@@ -524,6 +550,7 @@ def train_students(students: StudentBatch, X: torch.Tensor, y: torch.Tensor, *,
     t0 = time.perf_counter()
     if adam_steps:
         theta = adam_phase(theta, layout, activation, Xs, ys, adam_steps, adam_lr, progress,
+                           batch_size=adam_batch, seed=seed,
                            fixed_layers=fixed_layers)
     seconds["adam"] = time.perf_counter() - t0
     iterations["adam"] = adam_steps

@@ -82,6 +82,25 @@ def test_a_finished_step_is_not_recomputed(tmp_path, monkeypatch):
     assert calls == [] and torch.equal(first, again)
 
 
+def test_minibatch_adam_resumes_mid_epoch_to_the_same_weights(tmp_path, monkeypatch):
+    students = eandc.training.init_students(TEACHER.layout.__class__(2, (4,), 1),
+                                            TEACHER.activation, 3, torch.from_numpy(TEACHER(X)))
+    args = (students.theta, students.layout, students.activation, torch.from_numpy(X),
+            torch.from_numpy(TEACHER(X)), 30)
+    options = dict(batch_size=64, seed=3)  # 8 minibatches per epoch
+    reference = eandc.training.adam_phase(*args, **options)
+    path = tmp_path / "checkpoint.npz"
+    _interrupt_after(monkeypatch, 11)  # interval 0: a write per step; stops inside epoch 2
+    with pytest.raises(Interrupt), Checkpoint(path, 0.0):
+        eandc.training.adam_phase(*args, **options)
+    monkeypatch.undo()
+    checkpoint = Checkpoint(path, 0.0)
+    assert checkpoint.resumed_from == {"finished_steps": 0, "interrupted_steps": 1}
+    with checkpoint:
+        resumed = eandc.training.adam_phase(*args, **options)
+    assert torch.equal(resumed, reference)
+
+
 def test_a_damaged_or_foreign_checkpoint_is_reported_and_ignored(tmp_path, caplog):
     path = tmp_path / "checkpoint.npz"
     with Checkpoint(path, 0.0, fingerprint="run-a") as checkpoint:

@@ -94,6 +94,11 @@ def test_recover_from_a_network_file_writes_network_and_report_and_is_not_redone
     [retry] = [r for r in reports if r["config"]["retry_with"]]
     assert retry["config"]["retry_with"] == [{"max_iter": 200}]
     assert retry["metrics"]["attempts"] == 1  # exact at once: no second attempt
+    assert main(["recover", "--teacher", "teacher.npz", *FAST, "--adam-batch", "128"]) == 0
+    reports = [json.loads(f.read_text()) for f in Path("results").glob("recover/*/result.json")]
+    [minibatch] = [r for r in reports if "adam_batch" in r["config"]["train_options"]]
+    assert minibatch["config"]["train_options"]["adam_batch"] == 128
+    assert minibatch["metrics"]["widths"] == [2]
 
 
 def test_recover_from_recorded_pairs_and_entry_points(teacher_file, capsys, monkeypatch):

@@ -9,7 +9,7 @@ import torch
 from eandc import ACTIVATIONS, MLP, StudentBatch
 from eandc.fast import autograd_loss_and_gradient, compiled_value_and_derivative, loss_and_gradient
 from eandc.mlp import Layout, forward
-from eandc.training import adam_phase
+from eandc.training import adam_phase, epoch_order
 
 
 def _problem(activation, widths, skip, n_students=3, n=257, d_in=3, d_out=2, seed=0):
@@ -80,6 +80,29 @@ def test_adam_phase_fused_follows_the_autograd_path(gradient):
     assert _relative(got - theta, ref - theta) < 1e-9
     with pytest.raises(ValueError, match="gradient"):
         adam_phase(theta, layout, act, X, y, 1, gradient="numerical")
+
+
+def test_minibatch_adam_follows_independent_students_on_the_same_minibatches():
+    theta, layout, act, X, y = _problem("g", (5, 3), False, n=100)
+    steps, batch = 12, 32  # 4 minibatches per epoch, the last of 4 rows: 3 epochs
+    got = adam_phase(theta, layout, act, X, y, steps, lr=1e-2, batch_size=batch, seed=5)
+    for s in range(theta.shape[0]):  # each student alone, autograd, its own optimizer
+        own = theta[s:s + 1].clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([own], lr=1e-2)
+        for step in range(steps):
+            epoch, k = divmod(step, 4)
+            rows = epoch_order(len(X), 5, epoch)[k * batch:(k + 1) * batch]
+            optimizer.zero_grad()
+            (forward(own, layout, act, X[rows]) - y[rows]).square().mean().backward()
+            optimizer.step()
+        assert _relative(got[s] - theta[s], own.detach()[0] - theta[s]) < 1e-9
+    assert not torch.equal(epoch_order(len(X), 5, 0), epoch_order(len(X), 5, 1))
+    full = adam_phase(theta, layout, act, X, y, steps, lr=1e-2)
+    assert torch.equal(adam_phase(theta, layout, act, X, y, steps, lr=1e-2, batch_size=len(X)), full)
+    assert _relative(got - theta, full - theta) > 1e-3  # the minibatches did change the steps
+    for bad in (0, -4, 2.5, True):
+        with pytest.raises(ValueError, match="batch_size"):
+            adam_phase(theta, layout, act, X, y, 1, batch_size=bad)
 
 
 @pytest.mark.parametrize("activation", ["g", "softplus", "leaky_relu"])

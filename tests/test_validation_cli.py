@@ -141,6 +141,7 @@ def test_bad_sweep_and_compare_inputs(files, capsys, args, message):
     (["demo", "--device", "toaster"], "not a torch device"),
     (["recover", "--teacher", "t.npz", "--student-widths", "4,x"], "widths are positive integers"),
     (["recover", "--teacher", "t.npz", "--checkpoint-interval", "-1"], "seconds >= 0"),
+    (["recover", "--teacher", "t.npz", "--adam-batch", "0"], "positive integer"),
 ])
 def test_bad_arguments_exit_2_with_the_reason_last(capsys, args, message):
     if "cuda" in args[-1]:
