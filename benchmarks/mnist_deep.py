@@ -1,0 +1,154 @@
+"""Where the deep MNIST teacher's expansion stands on a small CPU.
+
+The standard profile's deep g teacher (784-30-30-30-10, its queries: the 10,000 images and
+10,000 contrast queries) is to be recovered by students 784-90-90-90-10 (rho 3). This script
+measures the first steps of that expansion, on the 4 students the profile trains, started as
+``eandc.expand_and_cluster`` starts deep students (``DEEP_INIT_SCALE``):
+
+1. full-batch Adam (the library's default first-order phase, lr 3e-3) for ``--full-steps`` steps;
+2. minibatch Adam (``adam_batch``, lr 1e-3, as the published recipe) from the same start, for
+   ``--epochs`` epochs;
+3. how far the minibatch students' first layers are from the teacher's: for each teacher neuron,
+   the best cosine similarity of ``[w; b]`` (varying pixels only) among each student's neurons,
+   and the number of first-layer clusters ``eandc.clustering.cluster_layer`` keeps;
+4. ``--lm-iterations`` matrix-free Levenberg-Marquardt iterations from the minibatch students
+   (float32 products, as the profile trains), their relative losses and seconds.
+
+::
+
+    EANDC_DATA=../shared/data/mnist python benchmarks/mnist_deep.py
+
+Prints what it measures and writes ``benchmarks/results/mnist_deep-<date>-<time>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from eandc import mnist
+from eandc.activations import get_activation
+from eandc.clustering import cluster_layer
+from eandc.data import mnist as load_mnist
+from eandc.data import varying_pixels
+from eandc.matfree import matfree_levenberg_marquardt
+from eandc.mlp import Layout, StudentBatch
+from eandc.recover import DEEP_INIT_SCALE
+from eandc.runs import machine
+from eandc.training import adam_phase, init_students, student_losses
+
+
+def relative_losses(theta, layout, act, X, y) -> list[float]:
+    scale = float(y.var(dim=0, unbiased=False).mean())
+    return (student_losses(theta, layout, act, X, y) / scale).tolist()
+
+
+def first_layer_alignment(teacher, theta, layout, act, mask) -> dict:
+    """Per teacher neuron, the best cosine similarity with a student's first-layer neuron (g has
+    no sign symmetry: signed), over the varying pixels and the bias; per student, then summed up."""
+    keep = np.r_[mask, True]
+    rows = lambda w, b: np.concatenate([w, b[:, None]], 1)[:, keep]  # noqa: E731
+    t = rows(teacher.weights[0].detach().numpy(), teacher.biases[0].detach().numpy())
+    t /= np.linalg.norm(t, axis=1, keepdims=True)
+    weights, biases, _ = layout.unflatten(theta)
+    best = []
+    for w, b in zip(weights[0].numpy(), biases[0].numpy()):
+        s = rows(w, b)
+        s /= np.linalg.norm(s, axis=1, keepdims=True)
+        best.append((t @ s.T).max(1))
+    best = np.array(best)  # (students, teacher neurons)
+    beta = mnist.DEFAULTS["beta"]
+    return {"best_cosine_per_student_median": np.median(best, 1).tolist(),
+            "best_cosine_per_student_min": best.min(1).tolist(),
+            "teacher_neurons_within_beta_per_student": (best >= math.cos(beta)).sum(1).tolist(),
+            "teacher_neurons_within_0.1_degree_per_student":
+                (best >= math.cos(math.radians(0.1))).sum(1).tolist()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--full-steps", type=int, default=150)
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--lm-iterations", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = mnist.configs("standard")[-1]
+    assert len(config["widths"]) == 3, config
+    split = load_mnist("test", progress=False)
+    teacher = mnist.train_teacher(config, split.images, split.labels)
+    X = torch.as_tensor(mnist.build_queries(split.images, config["queries"], seed=config["seed"]))
+    y = teacher(X)
+    mask = varying_pixels(X.numpy())
+    act = get_activation(config["activation"])
+    widths = tuple(config["rho"] * w for w in config["widths"])
+    layout = Layout(X.shape[1], widths, y.shape[1], act.leaves_linear_term)
+    start = init_students(layout, act, config["n_students"], y, seed=config["seed"],
+                          scale=DEEP_INIT_SCALE).theta
+    record = {"config": config, "student_widths": list(widths), "n_queries": len(X),
+              "n_parameters": layout.size, "teacher_accuracy": mnist.accuracy(
+                  teacher, split.images[config["n_train"]:], split.labels[config["n_train"]:])}
+    print(f"deep teacher {config['widths']}, held-out accuracy {record['teacher_accuracy']:.4f}; "
+          f"{config['n_students']} students {list(widths)} ({layout.size} parameters each), "
+          f"{len(X)} queries", flush=True)
+
+    t0 = time.perf_counter()
+    full = adam_phase(start, layout, act, X, y, args.full_steps, lr=3e-3)
+    record["full_batch_adam"] = {"steps": args.full_steps, "lr": 3e-3,
+                                 "seconds": time.perf_counter() - t0,
+                                 "relative_losses": relative_losses(full, layout, act, X, y)}
+    per_epoch = math.ceil(len(X) / args.batch)
+    t0 = time.perf_counter()
+    mini = adam_phase(start, layout, act, X, y, args.epochs * per_epoch, lr=1e-3,
+                      batch_size=args.batch, seed=config["seed"])
+    record["minibatch_adam"] = {"epochs": args.epochs, "batch": args.batch, "lr": 1e-3,
+                                "steps": args.epochs * per_epoch,
+                                "seconds": time.perf_counter() - t0,
+                                "relative_losses": relative_losses(mini, layout, act, X, y)}
+    for name in ("full_batch_adam", "minibatch_adam"):
+        r = record[name]
+        print(f"{name:16s} {r['steps']:6d} steps {r['seconds']:7.1f} s   relative losses "
+              + " ".join(f"{v:.2e}" for v in r["relative_losses"]), flush=True)
+
+    students = StudentBatch(mini, layout, act)
+    n = config["n_students"]
+    clustering = cluster_layer(students, 0, config["gamma"], config["beta"], np.zeros(n), mask,
+                               np.ones(n, bool))
+    record["first_layer"] = {"clusters_kept": clustering.width,
+                             **first_layer_alignment(teacher, mini, layout, act, mask)}
+    print("first layer after minibatch Adam: " + json.dumps(record["first_layer"]), flush=True)
+
+    trace = []
+
+    def callback(info):
+        trace.append({"iteration": info["it"], "seconds": info["seconds"],
+                      "relative_losses": info["rel"].tolist(),
+                      "cg_iterations": info["cg_iterations"].tolist()})
+        print(f"LM iteration {info['it']}: {info['seconds']:.1f} s, conjugate-gradient iterations "
+              f"{info['cg_iterations'].tolist()}, relative losses "
+              + " ".join(f"{v:.2e}" for v in info["rel"].tolist()), flush=True)
+
+    matfree_levenberg_marquardt(mini, layout, act, X, y, max_iter=args.lm_iterations,
+                                cg_dtype=config["train_options"].get("cg_dtype"), callback=callback)
+    record["levenberg_marquardt"] = trace
+    stamp = datetime.datetime.now()
+    record.update(date=stamp.isoformat(timespec="seconds"), machine=machine(),
+                  threads=torch.get_num_threads())
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    path = out / f"mnist_deep-{stamp:%Y-%m-%d-%H%M%S}.json"
+    path.write_text(json.dumps(record, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
