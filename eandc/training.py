@@ -5,9 +5,9 @@ All students share the queries ``X`` and targets ``y``; each has its own paramet
 *relative* loss divides it by the variance of the targets, so that 1e-30 means machine precision
 whatever the scale of the teacher.
 
-1. :func:`adam_phase`: full-batch Adam on every student at once (analytic gradient by
-   :mod:`eandc.fast`, autograd as the reference), to leave the flat region around the
-   initialisation cheaply.
+1. :func:`adam_phase`: Adam on every student at once, full-batch or on minibatches (analytic
+   gradient by :mod:`eandc.fast`, autograd as the reference), to leave the flat region around
+   the initialisation cheaply.
 2. :func:`levenberg_marquardt`: Levenberg-Marquardt with one damping factor per student. Each
    iteration builds the Gauss-Newton matrix ``J^T J`` and gradient ``J^T r`` from analytic
    Jacobians, accumulated over chunks of samples so memory stays bounded, and solves one
@@ -316,9 +316,7 @@ def adam_phase(theta: torch.Tensor, layout: Layout, activation: Activation, X: t
     if gradient not in GRADIENTS:
         raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
     n = X.shape[0]
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
-                                   or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+    _check_batch_size(batch_size)
     per_epoch = math.ceil(n / batch_size) if batch_size is not None and batch_size < n else 1
     fixed = frozen_parameters(theta, layout, fixed_layers) if fixed_layers else None
     theta = theta.detach().clone().requires_grad_(True)
@@ -350,6 +348,12 @@ def adam_phase(theta: torch.Tensor, layout: Layout, activation: Activation, X: t
         if saved.due():
             saved.save(dict(checkpoint.adam_state(optimizer, theta), theta=theta), {"step": step + 1})
     return theta.detach()
+
+
+def _check_batch_size(batch_size) -> None:
+    if batch_size is not None and (isinstance(batch_size, bool) or
+                                   not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -522,6 +526,7 @@ def train_students(students: StudentBatch, X: torch.Tensor, y: torch.Tensor, *,
     layout, activation = students.layout, students.activation
     n = X.shape[0]
     compaction_tolerances = tuple(float(t) for t in compaction_tolerances)
+    _check_batch_size(adam_batch)  # before any work, even when there are no Adam steps
     if not all(0 < t < 1 for t in compaction_tolerances):
         raise ValueError(f"compaction tolerances lie in (0, 1), got {compaction_tolerances}")
     if subset_rows is None:

@@ -3,6 +3,7 @@ independent torch.nn modules (the skip term; tests/test_mlp.py covers networks w
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -103,6 +104,8 @@ def test_minibatch_adam_follows_independent_students_on_the_same_minibatches():
     for bad in (0, -4, 2.5, True):
         with pytest.raises(ValueError, match="batch_size"):
             adam_phase(theta, layout, act, X, y, 1, batch_size=bad)
+    assert torch.equal(adam_phase(theta, layout, act, X, y, 3, batch_size=np.int64(32), seed=5),
+                       adam_phase(theta, layout, act, X, y, 3, batch_size=32, seed=5))
 
 
 @pytest.mark.parametrize("activation", ["g", "softplus", "leaky_relu"])

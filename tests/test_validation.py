@@ -40,6 +40,7 @@ def run(**kwargs):
     ({"student_widths": [0]}, ValueError, "positive integers"),
     ({"student_widths": [200]}, ValueError, "too few queries: 500 queries x 1 output"),
     ({"query": 42}, TypeError, "callable"),
+    ({"train_options": {"adam_steps": 0, "adam_batch": 0}}, ValueError, "batch_size must be a positive"),
 ])
 def test_bad_input_is_named(kwargs, error, message):
     with pytest.raises(error, match=message):
