@@ -28,10 +28,10 @@ import datetime
 import json
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from record import write_record
 
 from eandc import mnist
 from eandc.activations import get_activation
@@ -140,14 +140,9 @@ def main() -> None:
     matfree_levenberg_marquardt(mini, layout, act, X, y, max_iter=args.lm_iterations,
                                 cg_dtype=config["train_options"].get("cg_dtype"), callback=callback)
     record["levenberg_marquardt"] = trace
-    stamp = datetime.datetime.now()
-    record.update(date=stamp.isoformat(timespec="seconds"), machine=machine(),
+    record.update(date=datetime.datetime.now().isoformat(timespec="seconds"), machine=machine(),
                   threads=torch.get_num_threads())
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
-    path = out / f"mnist_deep-{stamp:%Y-%m-%d-%H%M%S}.json"
-    path.write_text(json.dumps(record, indent=1))
-    print(f"wrote {path}")
+    write_record("mnist_deep", record)
 
 
 if __name__ == "__main__":

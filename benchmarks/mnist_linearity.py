@@ -18,13 +18,13 @@ Prints a table and writes ``benchmarks/results/mnist_linearity-<date>-<time>.jso
 from __future__ import annotations
 
 import datetime
-import json
 import platform
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import torch
+from record import write_record
 
 from eandc import mnist
 from eandc.compare import silent_neurons
@@ -76,13 +76,9 @@ def main() -> None:
                   flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip()
-    record = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), commit=commit,
-                  machine=platform.platform(), torch=torch.__version__, rows=rows)
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
-    path = out / f"mnist_linearity-{datetime.datetime.now():%Y-%m-%d-%H%M%S}.json"
-    path.write_text(json.dumps(record, indent=1))
-    print(f"wrote {path}")
+    write_record("mnist_linearity", dict(date=datetime.datetime.now().isoformat(timespec="seconds"),
+                                         commit=commit, machine=platform.platform(),
+                                         torch=torch.__version__, rows=rows))
 
 
 if __name__ == "__main__":
