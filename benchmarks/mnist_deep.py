@@ -36,6 +36,7 @@ from record import write_record
 from eandc import mnist
 from eandc.activations import get_activation
 from eandc.clustering import cluster_layer
+from eandc.compare import compare
 from eandc.data import mnist as load_mnist
 from eandc.data import varying_pixels
 from eandc.matfree import matfree_levenberg_marquardt
@@ -50,20 +51,12 @@ def relative_losses(theta, layout, act, X, y) -> list[float]:
     return (student_losses(theta, layout, act, X, y) / scale).tolist()
 
 
-def first_layer_alignment(teacher, theta, layout, act, mask) -> dict:
-    """Per teacher neuron, the best cosine similarity with a student's first-layer neuron (g has
-    no sign symmetry: signed), over the varying pixels and the bias; per student, then summed up."""
-    keep = np.r_[mask, True]
-    rows = lambda w, b: np.concatenate([w, b[:, None]], 1)[:, keep]  # noqa: E731
-    t = rows(teacher.weights[0].detach().numpy(), teacher.biases[0].detach().numpy())
-    t /= np.linalg.norm(t, axis=1, keepdims=True)
-    weights, biases, _ = layout.unflatten(theta)
-    best = []
-    for w, b in zip(weights[0].numpy(), biases[0].numpy()):
-        s = rows(w, b)
-        s /= np.linalg.norm(s, axis=1, keepdims=True)
-        best.append((t @ s.T).max(1))
-    best = np.array(best)  # (students, teacher neurons)
+def first_layer_alignment(teacher, students: StudentBatch, X, mask) -> dict:
+    """Per teacher neuron, the best cosine similarity of ``[w; b]`` (varying pixels and the bias)
+    with a student's first-layer neuron (``eandc.compare``: g has no sign symmetry, so signed);
+    per student, then summed up."""
+    best = np.array([1 - compare(teacher, students.student(k), X, feature_mask=mask).layers[0].distances
+                     for k in range(students.n_students)])  # (students, teacher neurons)
     beta = mnist.DEFAULTS["beta"]
     return {"best_cosine_per_student_median": np.median(best, 1).tolist(),
             "best_cosine_per_student_min": best.min(1).tolist(),
@@ -124,7 +117,7 @@ def main() -> None:
     clustering = cluster_layer(students, 0, config["gamma"], config["beta"], np.zeros(n), mask,
                                np.ones(n, bool))
     record["first_layer"] = {"clusters_kept": clustering.width,
-                             **first_layer_alignment(teacher, mini, layout, act, mask)}
+                             **first_layer_alignment(teacher, students, X[:1000], mask)}
     print("first layer after minibatch Adam: " + json.dumps(record["first_layer"]), flush=True)
 
     trace = []
