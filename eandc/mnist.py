@@ -65,6 +65,7 @@ from .compare import compare, silent_neurons
 from .data import QUERY_SETS, mnist, query_set, varying_pixels
 from .recover import NoClusterError, expand_and_cluster
 from .storage import write_csv
+from .subspace import expand_and_cluster_in_subspace
 from .sweep import run_sweep, stored_rows
 
 __all__ = ["PAPER_WIDTHS", "PAPER_RECOVERED", "PROFILES", "configs", "train_teacher",
@@ -88,7 +89,7 @@ DEFAULTS = {
 
 # Keys added after runs were stored: a configuration holds one only where it differs from its
 # default here, so the configurations (and hashes) of the runs stored before stay as they were.
-LATER_DEFAULTS = {"teacher_bias_std": 1.0}
+LATER_DEFAULTS = {"teacher_bias_std": 1.0, "input_subspace": False}
 
 STANDARD_TRAINING = {"finisher": "matfree", "max_iter": 12, "polish_iter": 10, "cg_dtype": "float32"}
 CONTRAST_QUERIES = {"images": True, "contrast": 10_000}
@@ -241,13 +242,21 @@ def recover_mnist_teacher(config: dict, checkpoint=None):
                "silent_teacher_neurons": silent_neurons(teacher, X),
                "constant_pixels": np.flatnonzero(~mask).tolist(), "student_widths": student_widths,
                "device": "cpu"}  # expand_and_cluster's default device
+    options = dict(student_widths=student_widths, n_students=c["n_students"], gamma=c["gamma"],
+                   beta=c["beta"], seed=c["seed"], progress=False, train_options=c["train_options"],
+                   consensus_rounds=c["consensus_rounds"], checkpoint=checkpoint)
+    subspace = c.get("input_subspace", LATER_DEFAULTS["input_subspace"])
     try:
-        result = expand_and_cluster(teacher, X, c["activation"], len(c["widths"]),
-                                    student_widths=student_widths, n_students=c["n_students"],
-                                    gamma=c["gamma"], beta=c["beta"], seed=c["seed"],
-                                    progress=False, feature_mask=mask,
-                                    train_options=c["train_options"],
-                                    consensus_rounds=c["consensus_rounds"], checkpoint=checkpoint)
+        if subspace:  # every pixel's weight is determined: no mask (eandc.subspace)
+            result, found = expand_and_cluster_in_subspace(teacher, X, c["activation"],
+                                                           len(c["widths"]), **options)
+            metrics.update(subspace_dimension=found.dimension, probe_queries=found.n_queries,
+                           compared_pixels=X.shape[1])
+            mask = None
+        else:
+            result = expand_and_cluster(teacher, X, c["activation"], len(c["widths"]),
+                                        feature_mask=mask, **options)
+            metrics["compared_pixels"] = int(mask.sum())
     except NoClusterError as error:
         metrics.update(success=False, error=str(error), widths=[0] * len(c["widths"]),
                        student_losses=[float(v) for v in error.student_losses[0]])

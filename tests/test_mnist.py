@@ -176,3 +176,27 @@ def test_smoke_profile_recovers_a_narrow_mnist_teacher_exactly(tmp_path, monkeyp
     assert row["median_cosine_distance"] <= 1e-9 and row["max_cosine_distance"] <= 1e-9
     assert row["relative_logit_rmse"] <= 1e-9
     assert row["argmax_agreement"] == 1.0
+
+
+@pytest.mark.skipif(not all((SHARED / n).is_file() for n in MNIST_FILES["test"]),
+                    reason=f"the offline MNIST test split is not at {SHARED}")
+def test_in_its_input_subspace_images_alone_recover_the_smoke_teacher_on_every_pixel(monkeypatch):
+    """With ``input_subspace`` (eandc.subspace), 1,000 images and no noise overlays recover the
+    smoke teacher exactly, the weights of the pixels no image varies included (~10 s)."""
+    monkeypatch.setenv("EANDC_DATA", str(SHARED))
+    [config] = mnist.configs("smoke", {"queries": {"images": 1_000}, "input_subspace": True})
+    metrics, networks = mnist.recover_mnist_teacher(config)
+    assert metrics["widths"] == [2] and metrics["subspace_dimension"] == 2
+    assert metrics["varying_pixels"] < 784 and metrics["compared_pixels"] == 784
+    assert metrics["probe_queries"] > 0
+    assert metrics["max_cosine_distance"][0] <= 1e-9 and metrics["relative_rmse"] <= 1e-9
+    assert metrics["argmax_agreement"] == 1.0
+    teacher, recovered = networks["teacher"], networks["network"]
+    assert recovered.d_in == 784
+    constant = np.array(metrics["constant_pixels"])
+    W_t, W_r = teacher.weights[0].numpy(), recovered.weights[0].numpy()
+    # matched by sign-free cosine over every pixel: the constant pixels' weights match too
+    cos = np.abs(W_t @ W_r.T) / np.outer(np.linalg.norm(W_t, axis=1), np.linalg.norm(W_r, axis=1))
+    match = cos.argmax(1)
+    ratio = W_r[match] / W_t  # each recovered neuron a multiple (the sign) of the teacher's
+    np.testing.assert_allclose(np.abs(ratio[:, constant]), 1.0, rtol=1e-6)

@@ -1,0 +1,205 @@
+"""The span of a black box's first-layer weights, from its outputs alone (our addition).
+
+A network sees its input ``x`` only through its first layer's preactivations ``W1 x + b1``, so
+the Jacobian of its outputs with respect to ``x``, at any point, has its rows in the row space of
+``W1``. Finite differences of the black box (a fourth-order central stencil along every input
+coordinate) at a few points give such Jacobians; the singular value decomposition of their rows
+stacked together gives an orthonormal basis ``U`` (``d x k``) of that row space. Its dimension
+``k`` is the number of first-layer neurons when their weight vectors are linearly independent
+(``k <= d``); it rises with the points probed until it reaches that number, and the probing
+stops when more points no longer raise it.
+
+Why it helps: the teacher's output at ``x`` equals its output at the projection ``x U U^T``.
+Students can then take ``k`` inputs, ``z = x U``, instead of ``d``: a student neuron with
+incoming weights ``a`` in those coordinates has weights ``U a`` on the inputs, exactly (and,
+``U`` being orthonormal, the angles between incoming vectors are the same in both coordinates,
+so the clustering's ``beta`` means what it meant). Two things follow on MNIST:
+
+* every pixel's weight is determined, those of pixels that never vary across the images too:
+  the finite differences vary each pixel on its own, where the paper masks such pixels out
+  (a Boruta mask) because the images cannot determine their weights;
+* the students have ``(d - k)`` fewer inputs per first-layer neuron to bring to exactly zero
+  weight (784 -> 30 for the deep teacher).
+
+The cost is ``4 d`` queries per point probed (the fourth-order stencil), on top of the
+training queries. A black box with kinks (ReLU) is probed with a small step, so that the
+stencil rarely straddles one; probes that do (the two- and four-point stencils disagree), and
+an unclear drop in the singular values (no gap of ``MIN_GAP``), are errors that say so.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from .mlp import MLP
+from .teachers import check_inputs, query
+
+__all__ = ["InputSubspace", "input_subspace", "expand_and_cluster_in_subspace"]
+
+log = logging.getLogger(__name__)
+
+# A singular value counts when it is above RANK_TOL times the largest; the next one down must be
+# at least MIN_GAP times smaller (finite-difference errors sit near 1e-12 of the largest).
+RANK_TOL = 1e-7
+MIN_GAP = 1e3
+# Finite-difference step, relative to the queries' standard deviation: smooth activations, and
+# kinked ones (ReLU), whose piecewise-linear networks have no truncation error between kinks.
+SMOOTH_STEP = 1e-3
+KINKED_STEP = 1e-6
+# The largest disagreement allowed between the two- and four-point stencils, relative to the
+# largest derivative.
+SMOOTHNESS_TOL = 1e-3
+
+
+@dataclass(frozen=True)
+class InputSubspace:
+    """An orthonormal basis (``basis``, ``d x k``) of the span of a black box's first-layer
+    weight vectors, the singular values it was cut from, and the queries it took."""
+
+    basis: np.ndarray
+    singular_values: np.ndarray
+    n_points: int
+    n_queries: int
+
+    @property
+    def dimension(self) -> int:
+        return self.basis.shape[1]
+
+    def project(self, X) -> torch.Tensor:
+        """The coordinates ``z = x U`` of the inputs ``X`` (``(n, d)``) in the subspace."""
+        X = check_inputs(X)
+        if X.shape[1] != self.basis.shape[0]:
+            raise ValueError(f"inputs have {X.shape[1]} features, the subspace lives in "
+                             f"{self.basis.shape[0]}")
+        return X @ torch.as_tensor(self.basis, dtype=torch.float64, device=X.device)
+
+    def embed(self, Z) -> torch.Tensor:
+        """The inputs ``x = z U^T`` of subspace coordinates ``Z`` (``(n, k)``)."""
+        Z = check_inputs(Z, name="subspace coordinates")
+        if Z.shape[1] != self.dimension:
+            raise ValueError(f"coordinates have {Z.shape[1]} columns, the subspace {self.dimension}")
+        return Z @ torch.as_tensor(self.basis.T, dtype=torch.float64, device=Z.device)
+
+    def lift(self, network: MLP) -> MLP:
+        """``network`` (taking subspace coordinates) as a network of the original inputs: its
+        first-layer weights (and linear term) ``A`` become ``A U^T``; the same function of
+        ``x`` as ``network`` is of ``x U``."""
+        if network.d_in != self.dimension:
+            raise ValueError(f"the network takes {network.d_in} inputs, the subspace has "
+                             f"{self.dimension} dimensions")
+        U = torch.as_tensor(self.basis, dtype=torch.float64, device=network.device)
+        weights = [network.weights[0] @ U.T, *network.weights[1:]]
+        skip = None if network.skip is None else network.skip @ U.T
+        return MLP(weights, network.biases, network.activation.name, skip=skip, device=network.device)
+
+
+def jacobian_rows(teacher, points: torch.Tensor, step: float) -> torch.Tensor:
+    """The Jacobians of ``teacher``'s outputs at ``points`` (``(p, d)``), by the fourth-order
+    central stencil of step ``step`` along each input coordinate, stacked: ``(p d_out, d)``."""
+    p, d = points.shape
+    shifts = torch.eye(d, dtype=torch.float64, device=points.device) * step
+    probes = (points[:, None, None, :] + torch.tensor([2.0, 1.0, -1.0, -2.0], dtype=torch.float64,
+                                                      device=points.device)[:, None, None]
+              * shifts).reshape(-1, d)  # (point, shift, coordinate) in that order
+    f2, f1, m1, m2 = torch.as_tensor(query(teacher, probes)).reshape(p, 4, d, -1).unbind(1)
+    derivatives = (8 * (f1 - m1) - (f2 - m2)) / (12 * step)  # (p, d, d_out)
+    # The two-point stencil differs from the four-point one by O(step^2) where the black box is
+    # smooth, by O(1) where the probes straddle a kink.
+    disagreement = float((derivatives - (f1 - m1) / (2 * step)).abs().max())
+    if disagreement > SMOOTHNESS_TOL * float(derivatives.abs().max()):
+        raise ValueError(
+            f"the two- and four-point finite differences disagree by {disagreement:.3g} (largest "
+            f"derivative {float(derivatives.abs().max()):.3g}): the black box is not smooth at "
+            f"this step (a kink between the probes?); try a smaller step")
+    return derivatives.transpose(1, 2).reshape(-1, d)
+
+
+def _rank(s: np.ndarray, n_rows: int) -> int:
+    if s.size == 0 or s[0] == 0:
+        return 0
+    k = int((s > RANK_TOL * s[0]).sum())
+    if k < len(s) and s[k] > 0 and s[k - 1] / s[k] < MIN_GAP:
+        raise ValueError(
+            f"no clear rank: singular values around the cut {s[max(0, k - 2):k + 2] / s[0]} "
+            f"(relative to the largest) drop by less than {MIN_GAP:g}; the black box is not "
+            "smooth enough at these points for finite differences (try a smaller step)")
+    return k
+
+
+def input_subspace(teacher, X, *, points_per_round: int | None = None, max_points: int = 512,
+                   step: float = SMOOTH_STEP, seed: int = 0) -> InputSubspace:
+    """The span of ``teacher``'s first-layer weights (see the module doc), probed at rows of
+    ``X`` drawn at random, ``points_per_round`` at a time (default: enough for ``d`` rows of
+    Jacobians, at most 16 points), until a round no longer raises the rank. ``step``: the
+    finite-difference step relative to the standard deviation of ``X``."""
+    X = check_inputs(X)
+    n, d = X.shape
+    if not step > 0:
+        raise ValueError(f"step must be positive, got {step}")
+    if max_points < 1:
+        raise ValueError(f"max_points must be positive, got {max_points}")
+    scale = float(X.std()) or 1.0
+    h = step * scale
+    d_out = torch.as_tensor(query(teacher, X[:1])).shape[1]
+    if points_per_round is None:
+        points_per_round = min(16, max(2, -(-d // d_out)))
+    order = np.random.default_rng(seed).permutation(n)
+    rows, rank, used, s, Vt = [], -1, 0, np.zeros(0), np.zeros((0, d))
+    while used < min(n, max_points):
+        take = order[used:used + min(points_per_round, max_points - used)]
+        rows.append(jacobian_rows(teacher, X[take], h).cpu())
+        used += len(take)
+        stacked = torch.cat(rows).numpy()
+        _, s, Vt = np.linalg.svd(stacked, full_matrices=False)
+        new_rank = _rank(s, len(stacked))
+        log.debug("input subspace: %d points, rank %d", used, new_rank)
+        if new_rank == rank and new_rank < len(stacked):
+            break
+        rank = new_rank
+    else:
+        if rank >= len(s):
+            raise ValueError(f"the rank ({rank}) still equals the number of Jacobian rows after "
+                             f"{used} points: allow more points (max_points) or more queries")
+    if rank == 0:
+        raise ValueError("the teacher's outputs do not change with its inputs at the probed points")
+    return InputSubspace(basis=Vt[:rank].T.copy(), singular_values=s, n_points=used,
+                         n_queries=4 * d * used + 1)
+
+
+def expand_and_cluster_in_subspace(teacher, X, activation, n_hidden_layers=1, *,
+                                   subspace: InputSubspace | None = None, seed: int = 0, **options):
+    """:func:`eandc.expand_and_cluster` on the subspace coordinates of the queries.
+
+    ``teacher`` must be callable (it is probed by finite differences, then queried at the
+    projections ``x U U^T`` of ``X``, where its outputs are its outputs at ``x``). ``subspace``:
+    one computed before (default: :func:`input_subspace` of ``teacher`` on ``X``, with the step
+    for the activation). ``options``: the other arguments of
+    :func:`~eandc.expand_and_cluster`; a ``feature_mask`` is refused (every input's weight is
+    determined here). Returns ``(result, subspace)``: ``result.network`` is lifted to the
+    original inputs, ``result.students`` stay in subspace coordinates.
+    """
+    from .activations import get_activation
+    from .recover import expand_and_cluster
+
+    if not callable(teacher):
+        raise TypeError("the teacher must be callable: its input subspace is found by probing it")
+    if options.get("feature_mask") is not None:
+        raise ValueError("a feature_mask does not apply in subspace coordinates: every input's "
+                         "weight is determined by the finite differences")
+    X = check_inputs(X)
+    if subspace is None:
+        kinked = get_activation(activation).name == "relu"
+        subspace = input_subspace(teacher, X, step=KINKED_STEP if kinked else SMOOTH_STEP, seed=seed)
+    Z = subspace.project(X)
+    log.info("input subspace: %d of %d dimensions (%d probe queries)", subspace.dimension,
+             X.shape[1], subspace.n_queries)
+
+    def in_subspace(Zq):
+        return query(teacher, subspace.embed(Zq))
+
+    result = expand_and_cluster(in_subspace, Z, activation, n_hidden_layers, seed=seed, **options)
+    return replace(result, network=subspace.lift(result.network)), subspace

@@ -1,0 +1,115 @@
+"""The input subspace (eandc.subspace): the span of a black box's first-layer weights, found from
+its outputs by finite differences, and Expand-and-Cluster in its coordinates."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_mlp
+
+import eandc
+from eandc.subspace import KINKED_STEP, InputSubspace, expand_and_cluster_in_subspace, input_subspace
+
+
+def outside_span(weights: np.ndarray, basis: np.ndarray) -> float:
+    """Largest share of a weight vector's norm outside the span of ``basis``."""
+    rest = weights - weights @ basis @ basis.T
+    return float((np.linalg.norm(rest, axis=1) / np.linalg.norm(weights, axis=1)).max())
+
+
+@pytest.mark.parametrize("activation, widths", [
+    ("tanh", [3]), ("g", [3]), ("sigmoid", [3]), ("softplus", [3]), ("relu", [3]),
+    ("g", [3, 4]), ("tanh", [4, 2, 3])])
+def test_the_span_of_the_first_layer_weights_is_found(activation, widths):
+    teacher = eandc.random_teacher(12, widths, activation=activation, seed=3, d_out=2)
+    X = eandc.gaussian_inputs(500, 12, seed=4)
+    found = input_subspace(teacher, X, step=KINKED_STEP if activation == "relu" else 1e-3)
+    assert found.dimension == widths[0]
+    np.testing.assert_allclose(found.basis.T @ found.basis, np.eye(widths[0]), atol=1e-12)
+    assert outside_span(teacher.weights[0].numpy(), found.basis) < 1e-8
+    s = found.singular_values / found.singular_values[0]
+    assert s[widths[0] - 1] > 1e-4 and s[widths[0]] < 1e-9  # a clear cut
+
+
+def test_more_neurons_than_inputs_span_every_input():
+    teacher = eandc.random_teacher(3, [5], activation="tanh", seed=0)
+    found = input_subspace(teacher, eandc.gaussian_inputs(200, 3, seed=1))
+    assert found.dimension == 3
+
+
+def test_it_probes_until_a_round_adds_nothing_and_counts_its_queries():
+    teacher = eandc.random_teacher(10, [6], activation="tanh", seed=0)  # one output
+    seen = set()
+
+    def black_box(X):
+        seen.update(row.tobytes() for row in np.asarray(X))
+        return teacher(X)
+
+    found = input_subspace(black_box, eandc.gaussian_inputs(300, 10, seed=1), points_per_round=2)
+    assert found.dimension == 6
+    assert found.n_points == 8  # ranks 2, 4, 6, then 6 again
+    assert found.n_queries == len(seen) == 4 * 10 * 8 + 1
+
+
+def test_too_few_points_for_the_rank_is_an_error():
+    teacher = eandc.random_teacher(10, [6], activation="tanh", seed=0)
+    with pytest.raises(ValueError, match="max_points"):
+        input_subspace(teacher, eandc.gaussian_inputs(300, 10, seed=1), points_per_round=2,
+                       max_points=3)
+
+
+def test_a_black_box_that_ignores_its_inputs_is_refused():
+    with pytest.raises(ValueError, match="do not change"):
+        input_subspace(lambda X: np.ones((len(X), 2)), eandc.gaussian_inputs(50, 4, seed=0))
+
+
+def test_a_step_that_straddles_kinks_is_reported():
+    teacher = eandc.random_teacher(12, [8], activation="relu", seed=0, d_out=2)
+    X = eandc.gaussian_inputs(500, 12, seed=1)
+    with pytest.raises(ValueError, match="not smooth at this step"):
+        input_subspace(teacher, X, step=0.5)
+    assert input_subspace(teacher, X, step=KINKED_STEP).dimension == 8
+
+
+@pytest.mark.parametrize("bad, match", [({"step": 0.0}, "step"), ({"max_points": 0}, "max_points")])
+def test_bad_arguments_are_named(bad, match):
+    teacher = eandc.random_teacher(4, [2], activation="tanh", seed=0)
+    with pytest.raises(ValueError, match=match):
+        input_subspace(teacher, eandc.gaussian_inputs(50, 4, seed=0), **bad)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_lifted_network_computes_the_same_function_of_the_inputs(skip):
+    basis, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(9, 3)))
+    subspace = InputSubspace(basis, np.ones(3), n_points=1, n_queries=1)
+    net = random_mlp([3, 5, 2], "softplus", seed=1, skip=skip)
+    X = torch.as_tensor(eandc.gaussian_inputs(100, 9, seed=2))
+    lifted = subspace.lift(net)
+    assert lifted.d_in == 9 and (lifted.skip is not None) == skip
+    torch.testing.assert_close(lifted(X), net(subspace.project(X)), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(subspace.project(subspace.embed(subspace.project(X))),
+                               subspace.project(X), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="subspace has 3"):
+        subspace.lift(random_mlp([4, 5, 2], "softplus"))
+    with pytest.raises(ValueError, match="subspace lives in 9"):
+        subspace.project(np.zeros((2, 8)))
+
+
+def test_a_teacher_is_recovered_exactly_in_subspace_coordinates():
+    teacher = eandc.random_teacher(20, [3], activation="tanh", seed=1)
+    X = eandc.gaussian_inputs(2_000, 20, seed=2)
+    result, found = expand_and_cluster_in_subspace(teacher, X, "tanh", student_widths=[12],
+                                                   n_students=4, progress=False, seed=1)
+    assert found.dimension == 3 and result.students.layout.d_in == 3
+    comparison = eandc.compare(teacher, result.network, eandc.gaussian_inputs(1_000, 20, seed=3))
+    assert result.widths == [3], result.summary()
+    assert comparison.max_distance <= 1e-12, comparison.summary()
+    assert comparison.relative_rmse <= 1e-9, comparison.summary()
+
+
+def test_subspace_recovery_refuses_what_does_not_apply():
+    teacher = eandc.random_teacher(4, [2], activation="tanh", seed=0)
+    X = eandc.gaussian_inputs(100, 4, seed=0)
+    with pytest.raises(TypeError, match="callable"):
+        expand_and_cluster_in_subspace(teacher(X), X, "tanh")
+    with pytest.raises(ValueError, match="feature_mask"):
+        expand_and_cluster_in_subspace(teacher, X, "tanh", feature_mask=np.ones(4, bool))
