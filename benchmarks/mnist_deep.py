@@ -14,6 +14,11 @@ measures the first steps of that expansion, on the 4 students the profile trains
 4. ``--lm-iterations`` matrix-free Levenberg-Marquardt iterations from the minibatch students
    (float32 products, as the profile trains), their relative losses and seconds.
 
+With ``--subspace`` the students take the 30 coordinates of the queries in the teacher's input
+subspace (``eandc.subspace``, found by finite differences of the teacher) instead of the 784
+pixels: students 30-90-90-90-10, queried at the projections of the queries; their first layers,
+lifted to the pixels, are compared with the teacher's on every pixel.
+
 ::
 
     EANDC_DATA=../shared/data/mnist python benchmarks/mnist_deep.py
@@ -43,6 +48,7 @@ from eandc.matfree import matfree_levenberg_marquardt
 from eandc.mlp import Layout, StudentBatch
 from eandc.recover import DEEP_INIT_SCALE
 from eandc.runs import machine
+from eandc.subspace import input_subspace
 from eandc.training import adam_phase, init_students, student_losses
 
 
@@ -51,11 +57,15 @@ def relative_losses(theta, layout, act, X, y) -> list[float]:
     return (student_losses(theta, layout, act, X, y) / scale).tolist()
 
 
-def first_layer_alignment(teacher, students: StudentBatch, X, mask) -> dict:
+def first_layer_alignment(teacher, students: StudentBatch, X, mask, subspace=None) -> dict:
     """Per teacher neuron, the best cosine similarity of ``[w; b]`` (varying pixels and the bias)
     with a student's first-layer neuron (``eandc.compare``: g has no sign symmetry, so signed);
-    per student, then summed up."""
-    best = np.array([1 - compare(teacher, students.student(k), X, feature_mask=mask).layers[0].distances
+    per student, then summed up. Students in ``subspace`` coordinates are lifted to the pixels."""
+    def student(k):
+        net = students.student(k)
+        return net if subspace is None else subspace.lift(net)
+
+    best = np.array([1 - compare(teacher, student(k), X, feature_mask=mask).layers[0].distances
                      for k in range(students.n_students)])  # (students, teacher neurons)
     beta = mnist.DEFAULTS["beta"]
     return {"best_cosine_per_student_median": np.median(best, 1).tolist(),
@@ -72,6 +82,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--lm-iterations", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--subspace", action="store_true",
+                        help="train the students on the queries' coordinates in the teacher's "
+                             "input subspace (eandc.subspace)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -80,16 +93,28 @@ def main() -> None:
     split = load_mnist("test", progress=False)
     teacher = mnist.train_teacher(config, split.images, split.labels)
     X = torch.as_tensor(mnist.build_queries(split.images, config["queries"], seed=config["seed"]))
-    y = teacher(X)
     mask = varying_pixels(X.numpy())
+    record = {}
+    subspace, X_pixels = None, X
+    if args.subspace:
+        t0 = time.perf_counter()
+        subspace = input_subspace(teacher, X)
+        X = subspace.project(X_pixels)
+        record["subspace"] = {"dimension": subspace.dimension, "probe_queries": subspace.n_queries,
+                              "points": subspace.n_points, "seconds": time.perf_counter() - t0}
+        mask = None  # lifted students have every pixel's weight
+    y = teacher(X_pixels if subspace is None else subspace.embed(X))
     act = get_activation(config["activation"])
     widths = tuple(config["rho"] * w for w in config["widths"])
     layout = Layout(X.shape[1], widths, y.shape[1], act.leaves_linear_term)
     start = init_students(layout, act, config["n_students"], y, seed=config["seed"],
                           scale=DEEP_INIT_SCALE).theta
-    record = {"config": config, "student_widths": list(widths), "n_queries": len(X),
+    record = {**record, "config": config, "student_widths": list(widths), "n_queries": len(X),
               "n_parameters": layout.size, "teacher_accuracy": mnist.accuracy(
                   teacher, split.images[config["n_train"]:], split.labels[config["n_train"]:])}
+    if subspace is not None:
+        print(f"input subspace: {subspace.dimension} dimensions, {subspace.n_queries} probe queries, "
+              f"{record['subspace']['seconds']:.1f} s", flush=True)
     print(f"deep teacher {config['widths']}, held-out accuracy {record['teacher_accuracy']:.4f}; "
           f"{config['n_students']} students {list(widths)} ({layout.size} parameters each), "
           f"{len(X)} queries", flush=True)
@@ -114,10 +139,10 @@ def main() -> None:
 
     students = StudentBatch(mini, layout, act)
     n = config["n_students"]
-    clustering = cluster_layer(students, 0, config["gamma"], config["beta"], np.zeros(n), mask,
-                               np.ones(n, bool))
-    record["first_layer"] = {"clusters_kept": clustering.width,
-                             **first_layer_alignment(teacher, students, X[:1000], mask)}
+    clustering = cluster_layer(students, 0, config["gamma"], config["beta"], np.zeros(n),
+                               None if subspace else mask, np.ones(n, bool))
+    record["first_layer"] = {"clusters_kept": clustering.width, **first_layer_alignment(
+        teacher, students, X_pixels[:1000], mask, subspace)}
     print("first layer after minibatch Adam: " + json.dumps(record["first_layer"]), flush=True)
 
     trace = []
@@ -135,7 +160,7 @@ def main() -> None:
     record["levenberg_marquardt"] = trace
     record.update(date=datetime.datetime.now().isoformat(timespec="seconds"), machine=machine(),
                   threads=torch.get_num_threads())
-    write_record("mnist_deep", record)
+    write_record("mnist_deep-subspace" if subspace else "mnist_deep", record)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,10 @@
   (``feature_mask`` of :func:`eandc.expand_and_cluster` and :func:`eandc.compare`): the mask is
   computed from the queries themselves (:func:`eandc.data.varying_pixels`), where the paper used a
   Boruta mask from a random forest (452 of 784 pixels). With noise overlays every pixel varies and
-  the mask keeps all of them.
+  the mask keeps all of them. With ``input_subspace`` (a configuration key, default off;
+  :mod:`eandc.subspace`) the students take the queries' coordinates in the teacher's input
+  subspace, found by finite differences of the black box that vary every pixel on its own:
+  every pixel's weight is then determined, and compared, with no mask.
 * **Scores**, on the split's last ``len - n_train`` images (never used to train the teacher):
   logit RMSE (absolute, and relative to the logits' spread) and argmax agreement between the
   teacher and the recovered network; per-neuron cosine distances per layer (``eandc.compare``).
