@@ -35,7 +35,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from .activations import get_activation
 from .mlp import MLP
+from .recover import expand_and_cluster
 from .teachers import check_inputs, query
 
 __all__ = ["InputSubspace", "input_subspace", "expand_and_cluster_in_subspace"]
@@ -100,13 +102,14 @@ class InputSubspace:
 def jacobian_rows(teacher, points: torch.Tensor, step: float) -> torch.Tensor:
     """The Jacobians of ``teacher``'s outputs at ``points`` (``(p, d)``), by the fourth-order
     central stencil of step ``step`` along each input coordinate, stacked: ``(p d_out, d)``."""
-    p, d = points.shape
+    d = points.shape[1]
     shifts = torch.eye(d, dtype=torch.float64, device=points.device) * step
-    probes = (points[:, None, None, :] + torch.tensor([2.0, 1.0, -1.0, -2.0], dtype=torch.float64,
-                                                      device=points.device)[:, None, None]
-              * shifts).reshape(-1, d)  # (point, shift, coordinate) in that order
-    f2, f1, m1, m2 = torch.as_tensor(query(teacher, probes)).reshape(p, 4, d, -1).unbind(1)
-    derivatives = (8 * (f1 - m1) - (f2 - m2)) / (12 * step)  # (p, d, d_out)
+    outputs = []
+    for x in points:  # one point at a time: 4 d probes of d inputs each
+        probes = torch.cat([x + 2 * shifts, x + shifts, x - shifts, x - 2 * shifts])
+        outputs.append(torch.as_tensor(query(teacher, probes)).reshape(4, d, -1))
+    f2, f1, m1, m2 = torch.stack(outputs).unbind(1)  # each (p, d, d_out)
+    derivatives = (8 * (f1 - m1) - (f2 - m2)) / (12 * step)
     # The two-point stencil differs from the four-point one by O(step^2) where the black box is
     # smooth, by O(1) where the probes straddle a kink.
     disagreement = float((derivatives - (f1 - m1) / (2 * step)).abs().max())
@@ -118,7 +121,7 @@ def jacobian_rows(teacher, points: torch.Tensor, step: float) -> torch.Tensor:
     return derivatives.transpose(1, 2).reshape(-1, d)
 
 
-def _rank(s: np.ndarray, n_rows: int) -> int:
+def _rank(s: np.ndarray) -> int:
     if s.size == 0 or s[0] == 0:
         return 0
     k = int((s > RANK_TOL * s[0]).sum())
@@ -155,15 +158,17 @@ def input_subspace(teacher, X, *, points_per_round: int | None = None, max_point
         used += len(take)
         stacked = torch.cat(rows).numpy()
         _, s, Vt = np.linalg.svd(stacked, full_matrices=False)
-        new_rank = _rank(s, len(stacked))
+        new_rank = _rank(s)
         log.debug("input subspace: %d points, rank %d", used, new_rank)
         if new_rank == rank and new_rank < len(stacked):
             break
         rank = new_rank
-    else:
-        if rank >= len(s):
+    else:  # the points ran out before a round left the rank unchanged
+        if rank >= len(stacked):
             raise ValueError(f"the rank ({rank}) still equals the number of Jacobian rows after "
                              f"{used} points: allow more points (max_points) or more queries")
+        log.warning("input subspace: rank %d after all %d points, not confirmed by a further "
+                    "round", rank, used)
     if rank == 0:
         raise ValueError("the teacher's outputs do not change with its inputs at the probed points")
     return InputSubspace(basis=Vt[:rank].T.copy(), singular_values=s, n_points=used,
@@ -182,9 +187,6 @@ def expand_and_cluster_in_subspace(teacher, X, activation, n_hidden_layers=1, *,
     determined here). Returns ``(result, subspace)``: ``result.network`` is lifted to the
     original inputs, ``result.students`` stay in subspace coordinates.
     """
-    from .activations import get_activation
-    from .recover import expand_and_cluster
-
     if not callable(teacher):
         raise TypeError("the teacher must be callable: its input subspace is found by probing it")
     if options.get("feature_mask") is not None:
