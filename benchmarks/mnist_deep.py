@@ -139,8 +139,8 @@ def main() -> None:
 
     students = StudentBatch(mini, layout, act)
     n = config["n_students"]
-    clustering = cluster_layer(students, 0, config["gamma"], config["beta"], np.zeros(n),
-                               None if subspace else mask, np.ones(n, bool))
+    clustering = cluster_layer(students, 0, config["gamma"], config["beta"], np.zeros(n), mask,
+                               np.ones(n, bool))
     record["first_layer"] = {"clusters_kept": clustering.width, **first_layer_alignment(
         teacher, students, X_pixels[:1000], mask, subspace)}
     print("first layer after minibatch Adam: " + json.dumps(record["first_layer"]), flush=True)
