@@ -32,7 +32,10 @@ order of their spread, into pieces that each hold ``ceil(gamma N)`` students (wi
 N/2 and N/2), and the largest count is then a count of fragments. Such counts last only while
 the cut height grows by a few tens of percent; the true count lasts from the copies' spread up
 to the distance between neurons. So the count is maximised over plateaus that persist while the
-height at least doubles.
+height at least doubles. The plateau above the last merge persists for ever only when all the
+rows pass the angle test together (one neuron); otherwise, for students too imprecise for any
+plateau to persist (deep students far from zero loss), it would always win with one cluster,
+and the count is maximised over all plateaus, as the paper does.
 """
 
 from __future__ import annotations
@@ -271,11 +274,17 @@ STABLE_FACTOR = 2.0
 
 
 def choose_cut(Z: np.ndarray, counts: np.ndarray, stable_factor: float = STABLE_FACTOR,
-               keepable=None) -> int:
+               keepable=None, open_top: bool = True) -> int:
     """Index of the merge after which to cut: the end of the first plateau of the largest count
     among the *stable* plateaus, those over which the cut height can at least double
     (``stable_factor``) without the count changing; heights below 1e-10 of the largest count
     as zero. Falls back to the largest count overall when no plateau is stable.
+
+    The last plateau (after the last merge that changed the count) lasts for ever when
+    ``open_top``; otherwise only up to the last merge's height. ``open_top=False`` is for trees
+    whose rows are not all one neuron: there, the cut above everything is always "stable" and
+    would win whenever students are too imprecise for any other plateau to last (deep students
+    far from zero loss: one cluster kept instead of tens).
 
     ``keepable(k)``, when given, is the number of clusters after merge ``k`` that the angle test
     would keep too; plateaus are then ranked by it (the size count bounds it from above), so that
@@ -284,7 +293,8 @@ def choose_cut(Z: np.ndarray, counts: np.ndarray, stable_factor: float = STABLE_
     if len(counts) == 0:
         return 0
     floor = 1e-10 * max(float(Z[:, 2].max()), 1e-300)  # smaller heights are rounding noise
-    heights = np.append(np.maximum(Z[:, 2], floor), np.inf)
+    top = np.inf if open_top else max(float(Z[-1, 2]), floor)
+    heights = np.append(np.maximum(Z[:, 2], floor), top)
     plateaus, start = [], 0
     for k in range(1, len(counts) + 1):
         if k == len(counts) or counts[k] != counts[start]:
@@ -373,7 +383,8 @@ def cluster_layer(students: StudentBatch, layer: int, gamma: float = 0.5,
         return labels, sign, clusters
 
     cos_limit = math.cos(beta)
-    last = choose_cut(Z, counts, keepable=lambda k: sum(c.kept for c in clusters_after(k)[2]))
+    last = choose_cut(Z, counts, keepable=lambda k: sum(c.kept for c in clusters_after(k)[2]),
+                      open_top=math.cos(median_angle(compared, signed)) >= cos_limit - 1e-12)
     labels, sign, clusters = clusters_after(last)
     result = LayerClustering(layer, feats, student, neuron, scale, sign, dist, Z, last,
                              float(Z[last, 2]) if len(Z) else 0.0, counts, labels, clusters,

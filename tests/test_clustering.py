@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from eandc import random_teacher
+from eandc.activations import get_activation
 from eandc.clustering import (
+    choose_cut,
     cluster_layer,
     dense_core,
     min_students,
@@ -172,3 +174,41 @@ def test_a_tight_group_inside_a_loose_cluster_is_kept():
                                 train_options={"max_iter": 150})
     assert any(c.reason.startswith("kept: its core") for c in result.clusterings[0].kept)
     assert compare(teacher, result.network, gaussian_inputs(2000, 2, seed=3)).exact()
+
+
+def imprecise_students(d, k, n_students, strays, seed):
+    """g students (no symmetry) far from zero loss: each holds the ``k`` planted neurons with
+    relative noise 5-30% on ``[w; b]``, and ``strays`` more neurons that are noisier copies of
+    random planted ones (5-90%), all with outgoing weights. No silent neurons."""
+    rng = np.random.default_rng(seed)
+    planted = rng.normal(size=(k, d + 1))
+    layout = Layout(d, (k + strays,), 1, False)
+    thetas = []
+    for _ in range(n_students):
+        own = planted + rng.uniform(0.05, 0.3, size=(k, 1)) * rng.normal(size=planted.shape)
+        near = (planted[rng.integers(k, size=strays)]
+                + rng.uniform(0.05, 0.9, size=(strays, 1)) * rng.normal(size=(strays, d + 1)))
+        rows = np.concatenate([own, near])[rng.permutation(k + strays)]
+        thetas.append(layout.flatten(
+            [torch.tensor(rows[:, :-1]), torch.tensor(rng.normal(size=(1, k + strays)))],
+            [torch.tensor(rows[:, -1]), torch.zeros(1, dtype=torch.float64)], None))
+    return StudentBatch(torch.stack(thetas), layout, get_activation("g"))
+
+
+def test_imprecise_students_are_not_cut_above_everything():
+    """Regression (deep MNIST students at relative loss 2e-3): no plateau of the cluster count
+    lasted while the height doubled except the one above the last merge, so the cut put every
+    neuron in one cluster (kept through its dense core). That plateau no longer counts as stable
+    when the rows are not all one neuron; the count is then maximised as the paper does."""
+    students = imprecise_students(30, 30, 4, 60, seed=9)
+    result = cluster_layer(students, 0, gamma=0.5, beta=math.pi / 6)
+    assert 30 <= result.width <= 33
+    assert result.cut_index < len(result.linkage) - 1
+
+
+def test_choose_cut_keeps_the_top_open_only_when_asked():
+    heights = 1.1 ** np.arange(8)  # no plateau lasts while the height doubles
+    Z = np.column_stack([np.zeros(8), np.zeros(8), heights, np.zeros(8)])
+    counts = np.array([1, 2, 3, 4, 3, 2, 2, 1])
+    assert choose_cut(Z, counts) == 7  # the last plateau lasts for ever: the only stable one
+    assert choose_cut(Z, counts, open_top=False) == 3  # none stable: the largest count
