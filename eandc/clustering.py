@@ -52,7 +52,7 @@ from .activations import Activation
 from .mlp import StudentBatch
 
 __all__ = ["LayerClustering", "Cluster", "cluster_layer", "neuron_features", "pairwise_distances",
-           "min_students", "silent_neurons", "choose_cut", "dense_core"]
+           "min_students", "silent_neurons", "choose_cut", "dense_core", "all_one_neuron"]
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +207,19 @@ def median_angle(features: np.ndarray, signed: bool) -> float:
         return 0.0
     iu = np.triu_indices(len(features), k=1)
     return float(np.median(_angles(features, signed)[iu]))
+
+
+ONE_NEURON_SAMPLE = 2000
+
+
+def all_one_neuron(features: np.ndarray, signed: bool, beta: float, seed: int = 0) -> bool:
+    """Whether the rows' median pairwise angle is within ``beta`` (all rows one neuron),
+    estimated on at most ``ONE_NEURON_SAMPLE`` random rows: the full angle matrix of tens of
+    thousands of rows would not fit in memory, and the test only tells one neuron from many."""
+    if len(features) > ONE_NEURON_SAMPLE:
+        rows = np.random.default_rng(seed).choice(len(features), ONE_NEURON_SAMPLE, replace=False)
+        features = features[rows]
+    return math.cos(median_angle(features, signed)) >= math.cos(beta) - 1e-12
 
 
 def core_members(features: np.ndarray, signed: bool, beta: float) -> np.ndarray:
@@ -384,7 +397,7 @@ def cluster_layer(students: StudentBatch, layer: int, gamma: float = 0.5,
 
     cos_limit = math.cos(beta)
     last = choose_cut(Z, counts, keepable=lambda k: sum(c.kept for c in clusters_after(k)[2]),
-                      open_top=math.cos(median_angle(compared, signed)) >= cos_limit - 1e-12)
+                      open_top=all_one_neuron(compared, signed, beta))
     labels, sign, clusters = clusters_after(last)
     result = LayerClustering(layer, feats, student, neuron, scale, sign, dist, Z, last,
                              float(Z[last, 2]) if len(Z) else 0.0, counts, labels, clusters,

@@ -9,6 +9,7 @@ import torch
 from eandc import random_teacher
 from eandc.activations import get_activation
 from eandc.clustering import (
+    all_one_neuron,
     choose_cut,
     cluster_layer,
     dense_core,
@@ -212,3 +213,15 @@ def test_choose_cut_keeps_the_top_open_only_when_asked():
     counts = np.array([1, 2, 3, 4, 3, 2, 2, 1])
     assert choose_cut(Z, counts) == 7  # the last plateau lasts for ever: the only stable one
     assert choose_cut(Z, counts, open_top=False) == 3  # none stable: the largest count
+
+
+def test_all_one_neuron_on_few_and_on_many_rows():
+    rng = np.random.default_rng(0)
+    direction = rng.normal(size=6)
+    for n in (50, 3000):  # 3000 rows: estimated on a sample of them
+        copies = direction + 0.01 * rng.normal(size=(n, 6))
+        flipped = copies * np.where(rng.random(n) < 0.5, -1.0, 1.0)[:, None]
+        assert all_one_neuron(copies, signed=False, beta=math.pi / 6)
+        assert all_one_neuron(flipped, signed=True, beta=math.pi / 6)
+        assert not all_one_neuron(flipped, signed=False, beta=math.pi / 6)
+        assert not all_one_neuron(rng.normal(size=(n, 6)), signed=True, beta=math.pi / 6)
