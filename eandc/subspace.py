@@ -40,7 +40,7 @@ from .mlp import MLP
 from .recover import expand_and_cluster
 from .teachers import check_inputs, query
 
-__all__ = ["InputSubspace", "input_subspace", "expand_and_cluster_in_subspace"]
+__all__ = ["InputSubspace", "input_subspace", "expand_and_cluster_in_subspace", "probe_step"]
 
 log = logging.getLogger(__name__)
 
@@ -175,14 +175,20 @@ def input_subspace(teacher, X, *, points_per_round: int | None = None, max_point
                          n_queries=4 * d * used + 1)
 
 
+def probe_step(activation) -> float:
+    """The finite-difference step for a black box of this activation: ``KINKED_STEP`` for the
+    piecewise-linear ones (ReLU, leaky ReLU: the positive-scaling class), else ``SMOOTH_STEP``."""
+    return KINKED_STEP if get_activation(activation).has_scaling_symmetry else SMOOTH_STEP
+
+
 def expand_and_cluster_in_subspace(teacher, X, activation, n_hidden_layers=1, *,
                                    subspace: InputSubspace | None = None, seed: int = 0, **options):
     """:func:`eandc.expand_and_cluster` on the subspace coordinates of the queries.
 
     ``teacher`` must be callable (it is probed by finite differences, then queried at the
     projections ``x U U^T`` of ``X``, where its outputs are its outputs at ``x``). ``subspace``:
-    one computed before (default: :func:`input_subspace` of ``teacher`` on ``X``, with the step
-    for the activation). ``options``: the other arguments of
+    one computed before (default: :func:`input_subspace` of ``teacher`` on ``X``, with
+    :func:`probe_step` of the activation). ``options``: the other arguments of
     :func:`~eandc.expand_and_cluster`; a ``feature_mask`` is refused (every input's weight is
     determined here). Returns ``(result, subspace)``: ``result.network`` is lifted to the
     original inputs, ``result.students`` stay in subspace coordinates.
@@ -194,8 +200,7 @@ def expand_and_cluster_in_subspace(teacher, X, activation, n_hidden_layers=1, *,
                          "weight is determined by the finite differences")
     X = check_inputs(X)
     if subspace is None:
-        kinked = get_activation(activation).name == "relu"
-        subspace = input_subspace(teacher, X, step=KINKED_STEP if kinked else SMOOTH_STEP, seed=seed)
+        subspace = input_subspace(teacher, X, step=probe_step(activation), seed=seed)
     Z = subspace.project(X)
     log.info("input subspace: %d of %d dimensions (%d probe queries)", subspace.dimension,
              X.shape[1], subspace.n_queries)

@@ -7,7 +7,14 @@ import torch
 from conftest import random_mlp
 
 import eandc
-from eandc.subspace import KINKED_STEP, InputSubspace, expand_and_cluster_in_subspace, input_subspace
+from eandc.subspace import (
+    KINKED_STEP,
+    SMOOTH_STEP,
+    InputSubspace,
+    expand_and_cluster_in_subspace,
+    input_subspace,
+    probe_step,
+)
 
 
 def outside_span(weights: np.ndarray, basis: np.ndarray) -> float:
@@ -68,6 +75,14 @@ def test_a_step_that_straddles_kinks_is_reported():
     with pytest.raises(ValueError, match="not smooth at this step"):
         input_subspace(teacher, X, step=0.5)
     assert input_subspace(teacher, X, step=KINKED_STEP).dimension == 8
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
+def test_piecewise_linear_black_boxes_are_probed_with_the_small_step(activation):
+    assert probe_step(activation) == KINKED_STEP and probe_step("tanh") == SMOOTH_STEP
+    teacher = eandc.random_teacher(12, [8], activation=activation, seed=0, d_out=2)
+    X = eandc.gaussian_inputs(500, 12, seed=1)
+    assert input_subspace(teacher, X, step=probe_step(activation)).dimension == 8
 
 
 @pytest.mark.parametrize("bad, match", [({"step": 0.0}, "step"), ({"max_points": 0}, "max_points")])
