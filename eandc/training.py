@@ -18,6 +18,10 @@ whatever the scale of the teacher.
 LM on all of them (exact). In between, :func:`compact_students` prunes inside each student the
 neurons its function hardly uses: an overparameterised student near a solution creeps towards
 it slowly (its minima are degenerate), while the compacted one converges quadratically.
+Second-order iterations then run on the *packed* students (:func:`packed_students`: the pruned
+neurons left out, each layer as wide as its student with the most neurons alive), which makes
+them several times cheaper (T2 of ``benchmarks/training_speed.py``: 64 neurons per student, 28
+left after compaction, Gauss-Newton matrices of 309 instead of 641 parameters).
 Students with more than ``DENSE_MAX_PARAMS`` parameters, or whose dense systems would not fit
 in memory, are finished instead by the matrix-free Levenberg-Marquardt of :mod:`eandc.matfree`
 (conjugate gradients on Jacobian products, no ``P x P`` matrix); ``finisher="dense"`` or
@@ -61,6 +65,9 @@ GRADIENTS = ("fused", "compiled", "autograd")
 # Above this many parameters per student, train_students finishes with the matrix-free
 # Levenberg-Marquardt (eandc.matfree): a dense iteration costs O(n P^2 + P^3) time per student.
 DENSE_MAX_PARAMS = 4_000
+# Second-order training packs the students (leaves their pruned neurons out) when that removes
+# at least this share of the parameters (see packed_students).
+PACK_MIN_SAVING = 0.1
 FINISHERS = ("auto", "dense", "matfree")
 
 
@@ -156,6 +163,58 @@ def pruned_neurons(theta: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
         silent_out = (weights[l + 1] == 0).all(-2)
         masks.append(silent_in & silent_out)
     return masks
+
+
+def packed_students(theta: torch.Tensor, layout: Layout):
+    """The same students without their pruned neurons, for cheaper second-order iterations.
+
+    Returns ``(packed theta, packed layout, index)``, each hidden layer as wide as its student
+    with the most neurons alive (the others padded with pruned neurons, exact zeros) and
+    ``index[l]`` ``(N, packed width)`` saying where each packed neuron of hidden layer ``l``
+    sits in the original one; ``None`` when packing would save less than ``PACK_MIN_SAVING``
+    of the parameters. A Levenberg-Marquardt iteration costs ``O(P^2)`` per sample: once
+    compaction has pruned half of a wide student's neurons, its packed iterations cost a
+    quarter. :func:`unpacked_students` puts them back.
+    """
+    masks = pruned_neurons(theta, layout)
+    widths = tuple(max(1, int((~m).sum(1).max())) for m in masks)
+    packed_layout = Layout(layout.d_in, widths, layout.d_out, layout.skip)
+    if packed_layout.size > (1 - PACK_MIN_SAVING) * layout.size:
+        return None
+    # alive neurons first, in their order, then pruned ones as padding
+    index = [torch.argsort(m.to(torch.int8), dim=1, stable=True)[:, :w] for m, w in zip(masks, widths)]
+    weights, biases, skip = layout.unflatten(theta)
+    packed_w, packed_b = [], []
+    for l, (w, b) in enumerate(zip(weights, biases)):
+        if l < len(index):  # rows: this hidden layer's neurons
+            w = torch.gather(w, 1, index[l][:, :, None].expand(-1, -1, w.shape[2]))
+            b = torch.gather(b, 1, index[l])
+        if l > 0:  # columns: the hidden layer below
+            w = torch.gather(w, 2, index[l - 1][:, None, :].expand(-1, w.shape[1], -1))
+        packed_w.append(w)
+        packed_b.append(b)
+    return packed_layout.flatten(packed_w, packed_b, skip), packed_layout, index
+
+
+def unpacked_students(packed: torch.Tensor, packed_layout: Layout, index, layout: Layout):
+    """The inverse of :func:`packed_students`: ``(N, P)`` parameters in ``layout``, the neurons
+    left out (pruned) as exact zeros."""
+    n_students = packed.shape[0]
+    students = torch.arange(n_students, device=packed.device)[:, None, None]
+    weights, biases, skip = packed_layout.unflatten(packed)
+    full_w, full_b = [], []
+    for l, (w, b) in enumerate(zip(weights, biases)):
+        fan_out, fan_in = layout.sizes[l + 1], layout.sizes[l]
+        arange = partial(torch.arange, device=packed.device)
+        rows = index[l] if l < len(index) else arange(fan_out).expand(n_students, -1)
+        cols = index[l - 1] if l > 0 else arange(fan_in).expand(n_students, -1)
+        out_w = packed.new_zeros(n_students, fan_out, fan_in)
+        out_w[students, rows[:, :, None], cols[:, None, :]] = w
+        out_b = packed.new_zeros(n_students, fan_out)
+        out_b[students[:, :, 0], rows] = b
+        full_w.append(out_w)
+        full_b.append(out_b)
+    return layout.flatten(full_w, full_b, skip)
 
 
 def frozen_parameters(theta: torch.Tensor, layout: Layout, fixed_layers: int = 0) -> torch.Tensor:
@@ -441,14 +500,14 @@ def levenberg_marquardt(theta: torch.Tensor, layout: Layout, activation: Activat
     for it in range(done_iter + 1, max_iter + 1):
         gram, grad, sse_now = _gauss_newton(theta[active], layout, activation, X, y)
         fz = frozen[active]
+        free = (~fz).to(theta.dtype)
         if fz.any():  # pruned neurons: no step, and an identity block in the system
-            free = (~fz).to(theta.dtype)
             gram = gram * free[:, :, None] * free[:, None, :] + torch.diag_embed(fz.to(theta.dtype))
             grad = grad * free
         sse[active] = sse_now
         new = torch.isnan(lam[active])
-        if new.any():
-            diag = gram.diagonal(dim1=1, dim2=2).mean(1)
+        if new.any():  # the mean curvature of the free parameters: the same once packed
+            diag = (gram.diagonal(dim1=1, dim2=2) * free).sum(1) / free.sum(1).clamp_min(1)
             lam[active[new]] = 1e-3 * diag[new].clamp_min(1e-300)
         lam_a = lam[active]
         chol, info = torch.linalg.cholesky_ex(gram + lam_a[:, None, None] * eye)
@@ -544,6 +603,16 @@ def train_students(students: StudentBatch, X: torch.Tensor, y: torch.Tensor, *,
                          f"the {finisher} one)")
     else:
         finish, name = levenberg_marquardt, "levenberg-marquardt"
+    def second_order(theta, X, y, **options):
+        """The finisher, on the packed students where compaction pruned enough neurons."""
+        packed = packed_students(theta, layout)
+        if packed is None:
+            return finish(theta, layout, activation, X, y, fixed_layers=fixed_layers, **options)
+        packed_theta, packed_layout, index = packed
+        packed_theta, rel, it = finish(packed_theta, packed_layout, activation, X, y,
+                                       fixed_layers=fixed_layers, **options)
+        return unpacked_students(packed_theta, packed_layout, index, layout), rel, it
+
     seconds, iterations = {}, {}
     theta = students.theta
     if subset_rows < n:
@@ -561,9 +630,9 @@ def train_students(students: StudentBatch, X: torch.Tensor, y: torch.Tensor, *,
     iterations["adam"] = adam_steps
 
     t0 = time.perf_counter()
-    theta, rel, iterations["lm_subset"] = finish(
-        theta, layout, activation, Xs, ys, max_iter=max_iter, progress=progress,
-        fixed_layers=fixed_layers, desc=f"{name} (subset)" if Xs is not X else name)
+    theta, rel, iterations["lm_subset"] = second_order(
+        theta, Xs, ys, max_iter=max_iter, progress=progress,
+        desc=f"{name} (subset)" if Xs is not X else name)
     for tol in compaction_tolerances[:compaction_rounds]:
         candidates = torch.nonzero((rel > LOSS_FLOOR) & (rel < COMPACTION_MAX_LOSS)).flatten()
         if len(candidates) == 0:
@@ -573,9 +642,8 @@ def train_students(students: StudentBatch, X: torch.Tensor, y: torch.Tensor, *,
                                             fixed_layers=fixed_layers)
         if removed == 0:
             continue
-        compact, rel_compact, it = finish(
-            compact, layout, activation, Xs, ys, max_iter=max_iter, progress=progress,
-            fixed_layers=fixed_layers, desc=f"{name} (compacted)")
+        compact, rel_compact, it = second_order(
+            compact, Xs, ys, max_iter=max_iter, progress=progress, desc=f"{name} (compacted)")
         iterations["lm_subset"] += it
         better = rel_compact <= torch.clamp(10 * rel[candidates], min=1e-20)
         theta[candidates[better]] = compact[better]
@@ -585,9 +653,9 @@ def train_students(students: StudentBatch, X: torch.Tensor, y: torch.Tensor, *,
     seconds["lm_subset"] = time.perf_counter() - t0
     if Xs is not X:
         t0 = time.perf_counter()
-        theta, rel, iterations["lm_all"] = finish(
-            theta, layout, activation, X, y, max_iter=polish_iter, patience=10,
-            fixed_layers=fixed_layers, progress=progress, desc=f"{name} (all rows)")
+        theta, rel, iterations["lm_all"] = second_order(
+            theta, X, y, max_iter=polish_iter, patience=10, progress=progress,
+            desc=f"{name} (all rows)")
         seconds["lm_all"] = time.perf_counter() - t0
     log.info("trained %d students (%s finisher): relative losses %s", len(rel), finisher,
              format_losses(rel.cpu().numpy()))

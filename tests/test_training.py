@@ -11,9 +11,12 @@ from eandc.training import (
     init_students,
     jacobian,
     levenberg_marquardt,
+    packed_students,
     pruned_neurons,
     student_losses,
     train_students,
+    unpacked_students,
+    zero_neuron,
 )
 
 
@@ -51,6 +54,48 @@ def test_levenberg_marquardt_reaches_the_floor_from_near_the_teacher():
                                        generator=torch.Generator().manual_seed(1))
     trained, rel, _ = levenberg_marquardt(theta, teacher.layout, teacher.activation, X, y, max_iter=100)
     assert (rel < 1e-26).all()
+
+
+def _pruned_at_random(layout, n_students, seed):
+    """Random students, each with 2 or more neurons of every hidden layer pruned."""
+    gen = torch.Generator().manual_seed(seed)
+    theta = torch.randn(n_students, layout.size, dtype=torch.float64, generator=gen)
+    weights, biases, _ = layout.unflatten(theta)  # views
+    for s in range(n_students):
+        for l, width in enumerate(layout.widths):
+            for j in torch.randperm(width, generator=gen)[:2 + (s + l) % (width - 2)].tolist():
+                zero_neuron(weights[l][s], biases[l][s], weights[l + 1][s], j)
+    return theta
+
+
+@pytest.mark.parametrize("layout", [Layout(3, (7,), 2, skip=True), Layout(4, (6, 5, 4), 2)])
+def test_packing_leaves_out_the_pruned_neurons_and_unpacking_restores_them(layout):
+    act = get_activation("g")
+    theta = _pruned_at_random(layout, 4, seed=0)
+    X = torch.randn(40, layout.d_in, dtype=torch.float64)
+    packed, packed_layout, index = packed_students(theta, layout)
+    alive = [int((~m).sum(1).max()) for m in pruned_neurons(theta, layout)]
+    assert packed_layout.widths == tuple(alive) and packed_layout.skip == layout.skip
+    torch.testing.assert_close(forward(packed, packed_layout, act, X), forward(theta, layout, act, X),
+                               rtol=1e-13, atol=1e-13)
+    assert torch.equal(unpacked_students(packed, packed_layout, index, layout), theta)
+    assert packed_students(packed, packed_layout) is None  # nothing left to leave out
+
+
+def test_levenberg_marquardt_iterations_are_the_same_packed():
+    layout = Layout(3, (8,), 1)
+    act = get_activation("g")
+    teacher = random_teacher(3, [3], activation="g", seed=1)
+    X = torch.from_numpy(gaussian_inputs(300, 3, seed=0))
+    y = teacher(X)
+    theta = _pruned_at_random(layout, 3, seed=2)
+    full, rel_full, _ = levenberg_marquardt(theta, layout, act, X, y, max_iter=3)
+    packed, packed_layout, index = packed_students(theta, layout)
+    small, rel_small, _ = levenberg_marquardt(packed, packed_layout, act, X, y, max_iter=3)
+    torch.testing.assert_close(unpacked_students(small, packed_layout, index, layout), full,
+                               rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(rel_small, rel_full, rtol=1e-10, atol=0)
+    assert not torch.equal(full, theta)  # the iteration moved the students
 
 
 def test_compaction_preserves_the_function_and_frozen_neurons_stay_zero():
