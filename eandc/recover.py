@@ -32,7 +32,10 @@
    repeated from it (at most ``COMPLETION_ROUNDS``) while it fits better. Few free neurons
    leave the queries far more numerous than the free parameters, so the fresh neurons must take
    the missing teacher neurons' places (on MNIST, a wide student's 40-odd spare neurons can
-   instead interpolate the 12,000 queries; see step 6).
+   instead interpolate the 12,000 queries; see step 6). At the last hidden layer, pruning and
+   completion come before the consensus rounds (step 2), which run only when they leave the
+   network inexact: a round retrains every wide student, a completion only small networks
+   (problem T2 of ``benchmarks/training_speed.py``: about 20 s against 35 s per round).
 6. **Exact-student fallback** (our addition, with pruning): when the network is still not
    exact but a student sits at the loss floor (``EXACT_LOSS``), that student computes the
    teacher's function on the queries; pruned to the neurons the function needs, it is the
@@ -309,6 +312,28 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
 
     clusterings = []
     timings["clustering"] = 0.0
+    completions = {}
+
+    def prune_and_complete(reconstructed):
+        """Steps 4 and 5 of the module doc on a reconstructed (network, loss), done once per
+        reconstruction: (network, loss, pruning and completion notes, source)."""
+        if id(reconstructed) in completions:
+            return completions[id(reconstructed)][1]
+        network, loss = reconstructed
+        t0 = time.perf_counter()
+        network, loss, notes = prune(network, X, y, loss=loss, progress=options["progress"])
+        timings["pruning"] = timings.get("pruning", 0.0) + time.perf_counter() - t0
+        source = "clusters"
+        if loss > EXACT_LOSS:
+            t0 = time.perf_counter()
+            completed, completed_loss, completed_notes = _complete(
+                network, loss, X, y, n_students, seed + 7, dict(options, adam_steps=0))
+            if completed_loss < loss:
+                network, loss, source = completed, completed_loss, "completion"
+                notes = notes + completed_notes
+            timings["completion"] = timings.get("completion", 0.0) + time.perf_counter() - t0
+        completions[id(reconstructed)] = (reconstructed, (network, loss, notes, source))
+        return network, loss, notes, source
     retrain = dict(options, adam_steps=0)
     for layer in range(n_hidden_layers):
         mask = feature_mask if layer == 0 else None
@@ -346,6 +371,10 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
         elif clustering.width:
             reconstructed = reconstruct(students, clustering, losses)
             complete = reconstructed[1] <= EXACT_LOSS
+            if not complete and prune_network and losses.max() > CONSENSUS_MIN_LOSS:
+                # completion first: on a shallow network it costs far less than a round
+                completed = prune_and_complete(reconstructed)
+                complete = completed[1] <= EXACT_LOSS
         # students at the loss floor hold every neuron exactly: nothing left to agree on
         rounds = consensus_rounds if clustering.width and losses.max() > CONSENSUS_MIN_LOSS \
             and not complete else 0
@@ -388,22 +417,10 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
 
     # the last layer's clustering, reconstructed (none: no cluster; the fallback may help)
     network, final_loss = reconstructed or (None, math.inf)
-    notes = []
+    notes, source = [], "clusters"
     clustered_widths = [c.width for c in clusterings]
     if prune_network and network is not None:
-        t0 = time.perf_counter()
-        network, final_loss, notes = prune(network, X, y, loss=final_loss,
-                                           progress=options["progress"])
-        timings["pruning"] = time.perf_counter() - t0
-    source = "clusters"
-    if prune_network and network is not None and final_loss > EXACT_LOSS:
-        t0 = time.perf_counter()
-        completed, completed_loss, completed_notes = _complete(
-            network, final_loss, X, y, n_students, seed + 7, dict(options, adam_steps=0))
-        if completed_loss < final_loss:
-            network, final_loss, source = completed, completed_loss, "completion"
-            notes = notes + completed_notes
-        timings["completion"] = time.perf_counter() - t0
+        network, final_loss, notes, source = prune_and_complete(reconstructed)
     if prune_network and final_loss > EXACT_LOSS:
         t0 = time.perf_counter()
         fallback = _exact_student([(expanded, reports[0].relative_losses), (students, losses)],

@@ -58,13 +58,15 @@ def test_a_recovery_the_clusters_miss_is_completed():
     """Toy family g-d4-w2-s4 at rho 4: four of ten students fit the teacher exactly, the others
     stall near 1e-7, so no second cluster holds five students; the clusters' network (one
     neuron), widened by fresh neurons and trained (completion), is the teacher. (Before the
-    completion, the exact-student fallback rescued it.)"""
+    completion, the exact-student fallback rescued it.) The completion comes before any
+    consensus round, and being exact, leaves none to run."""
     from eandc import family
     teacher = eandc.random_teacher(4, [2], activation="g", seed=4)
     X = eandc.gaussian_inputs(family.n_queries(4, 2), 4, seed=5)
     result = eandc.expand_and_cluster(teacher, X, "g", student_widths=[8], n_students=10, seed=4,
                                 progress=False, train_options={"max_iter": 150})
     assert result.clustered_widths == [1] and result.source == "completion", result.summary()
+    assert "consensus layer 1" not in result.timings, result.timings
     assert eandc.compare(teacher, result.network, eandc.gaussian_inputs(5000, 4, seed=6)).exact(1e-10, 1e-10)
 
 
