@@ -18,7 +18,9 @@ Methods, each in a fresh subprocess (so that its peak RSS is its own):
 * lbfgs: torch.optim.LBFGS, one student at a time, float64, ``budget / N`` seconds per student.
 * sklearn: MLPRegressor(solver="lbfgs"), one student at a time (T1tanh only).
 * eandc: eandc.training.train_students on the same students (runs to its own end).
-* eandc_e2e: eandc.expand_and_cluster end to end; exact = widths right and max cosine distance
+* eandc_e2e: eandc.expand_and_cluster end to end with an adaptive training budget
+  (``E2E_OPTIONS``: short second-order stages first, the whole recovery done again with longer
+  ones only when the first is not exact); exact = widths right and max cosine distance
   <= 1e-10 on 5,000 held-out queries (eandc.compare).
 * steps: samples per second of one Adam step of the batched students on the Adam phase's rows
   (autograd through eandc.mlp.forward, the fused analytic gradient, the fused gradient with a
@@ -26,9 +28,9 @@ Methods, each in a fresh subprocess (so that its peak RSS is its own):
   products counted by torch.utils.flop_counter, Cholesky factorisations added as P^3/3).
 * peak (once per run): float64 and float32 matrix-multiply GFLOP/s (4096 x 4096 products).
 
-``--quick`` scales the budget from 600 s down to 20 s (eandc runs have no budget: T2 end to end
-takes tens of minutes on one core). Writes benchmarks/results/training_speed-<date>.json with
-the machine, versions, commit and every method's numbers.
+``--quick`` scales the budget from 600 s down to 20 s (eandc runs have no budget). Writes
+benchmarks/results/training_speed-<date>.json with the machine, versions, commit and every
+method's numbers.
 """
 
 from __future__ import annotations
@@ -50,6 +52,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 TARGET = 1e-10  # relative loss
+# End to end: Levenberg-Marquardt stages of 30 iterations (the default 400 lets wide students
+# creep towards degenerate minima for minutes before compaction) and a 10-iteration polish on
+# all rows; the clusters, pruning and completion then find what the students have not settled.
+# Not exact: everything again with 150-iteration stages (``retry_with``).
+E2E_OPTIONS = dict(train_options=dict(max_iter=30, polish_iter=10), retry_with=[dict(max_iter=150)])
 PROBLEMS = {
     "T1": dict(d_in=2, width=4, d_out=1, activation="g", n=10_000, students=10, student_width=16),
     "T1tanh": dict(d_in=2, width=4, d_out=1, activation="tanh", n=10_000, students=10,
@@ -295,12 +302,13 @@ def run_method(method, problem, device, budget, seed):
         t0 = time.perf_counter()
         result = eandc.expand_and_cluster(teacher, X_np, act.name, student_widths=[p["student_width"]],
                                           n_students=p["students"], seed=seed, device=device,
-                                          progress=False)
+                                          progress=False, **E2E_OPTIONS)
         seconds = time.perf_counter() - t0
         held_out = eandc.gaussian_inputs(5_000, p["d_in"], seed=seed + 2)
         comparison = eandc.compare(teacher, result.network, held_out)
         exact = comparison.widths_match and comparison.max_distance <= TARGET
-        return dict(seconds=seconds, exact=bool(exact), widths=result.widths,
+        return dict(seconds=seconds, exact=bool(exact), widths=result.widths, options=E2E_OPTIONS,
+                    attempts=result.attempts, source=result.source,
                     max_cosine_distance=comparison.max_distance,
                     relative_rmse=comparison.relative_rmse, timings=result.timings,
                     seconds_to_exact=seconds if exact else None,
@@ -461,6 +469,8 @@ def report(results, args, budget):
             elif method == "eandc_e2e":
                 note = (f"widths {r['widths']}, max cos dist {r['max_cosine_distance']:.1e}, "
                         f"{'exact' if r['exact'] else 'NOT exact'}")
+                if "attempts" in r:
+                    note += f" (from {r['source']}, {r['attempts']} attempt(s))"
             elif method == "sklearn":
                 note = f"tanh, scikit-learn's own init; stop: {r['stop']}"
             elif method == "lbfgs":
