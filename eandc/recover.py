@@ -34,8 +34,7 @@
    the missing teacher neurons' places (on MNIST, a wide student's 40-odd spare neurons can
    instead interpolate the 12,000 queries; see step 6). At the last hidden layer, pruning and
    completion come before the consensus rounds (step 2), which run only when they leave the
-   network inexact: a round retrains every wide student, a completion only small networks
-   (problem T2 of ``benchmarks/training_speed.py``: about 20 s against 35 s per round).
+   network inexact: a round retrains every wide student, a completion only small networks.
 6. **Exact-student fallback** (our addition, with pruning): when the network is still not
    exact but a student sits at the loss floor (``EXACT_LOSS``), that student computes the
    teacher's function on the queries; pruned to the neurons the function needs, it is the

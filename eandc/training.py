@@ -20,8 +20,8 @@ neurons its function hardly uses: an overparameterised student near a solution c
 it slowly (its minima are degenerate), while the compacted one converges quadratically.
 Second-order iterations then run on the *packed* students (:func:`packed_students`: the pruned
 neurons left out, each layer as wide as its student with the most neurons alive), which makes
-them several times cheaper (T2 of ``benchmarks/training_speed.py``: 64 neurons per student, 28
-left after compaction, Gauss-Newton matrices of 309 instead of 641 parameters).
+them several times cheaper (T2 of ``benchmarks/training_speed.py``: fewer than half of the 64
+neurons per student are left after the first compaction, and an iteration costs ``O(P^2)``).
 Students with more than ``DENSE_MAX_PARAMS`` parameters, or whose dense systems would not fit
 in memory, are finished instead by the matrix-free Levenberg-Marquardt of :mod:`eandc.matfree`
 (conjugate gradients on Jacobian products, no ``P x P`` matrix); ``finisher="dense"`` or
