@@ -311,13 +311,14 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
 
     clusterings = []
     timings["clustering"] = 0.0
-    completions = {}
+    completion = None  # (reconstructed, its result): the latest reconstruction's
 
     def prune_and_complete(reconstructed):
         """Steps 4 and 5 of the module doc on a reconstructed (network, loss), done once per
         reconstruction: (network, loss, pruning and completion notes, source)."""
-        if id(reconstructed) in completions:
-            return completions[id(reconstructed)][1]
+        nonlocal completion
+        if completion is not None and completion[0] is reconstructed:
+            return completion[1]
         network, loss = reconstructed
         t0 = time.perf_counter()
         network, loss, notes = prune(network, X, y, loss=loss, progress=options["progress"])
@@ -331,8 +332,8 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
                 network, loss, source = completed, completed_loss, "completion"
                 notes = notes + completed_notes
             timings["completion"] = timings.get("completion", 0.0) + time.perf_counter() - t0
-        completions[id(reconstructed)] = (reconstructed, (network, loss, notes, source))
-        return network, loss, notes, source
+        completion = (reconstructed, (network, loss, notes, source))
+        return completion[1]
     retrain = dict(options, adam_steps=0)
     for layer in range(n_hidden_layers):
         mask = feature_mask if layer == 0 else None
@@ -370,7 +371,7 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
         elif clustering.width:
             reconstructed = reconstruct(students, clustering, losses)
             complete = reconstructed[1] <= EXACT_LOSS
-            if not complete and prune_network and losses.max() > CONSENSUS_MIN_LOSS:
+            if not complete and prune_network:
                 # completion first: on a shallow network it costs far less than a round
                 completed = prune_and_complete(reconstructed)
                 complete = completed[1] <= EXACT_LOSS

@@ -20,8 +20,8 @@ neurons its function hardly uses: an overparameterised student near a solution c
 it slowly (its minima are degenerate), while the compacted one converges quadratically.
 Second-order iterations then run on the *packed* students (:func:`packed_students`: the pruned
 neurons left out, each layer as wide as its student with the most neurons alive), which makes
-them several times cheaper (T2 of ``benchmarks/training_speed.py``: fewer than half of the 64
-neurons per student are left after the first compaction, and an iteration costs ``O(P^2)``).
+them cheaper: an iteration costs ``O(P^2)`` per sample, so a student that compaction has
+halved costs a quarter.
 Students with more than ``DENSE_MAX_PARAMS`` parameters, or whose dense systems would not fit
 in memory, are finished instead by the matrix-free Levenberg-Marquardt of :mod:`eandc.matfree`
 (conjugate gradients on Jacobian products, no ``P x P`` matrix); ``finisher="dense"`` or
@@ -200,12 +200,12 @@ def unpacked_students(packed: torch.Tensor, packed_layout: Layout, index, layout
     """The inverse of :func:`packed_students`: ``(N, P)`` parameters in ``layout``, the neurons
     left out (pruned) as exact zeros."""
     n_students = packed.shape[0]
-    students = torch.arange(n_students, device=packed.device)[:, None, None]
+    arange = partial(torch.arange, device=packed.device)
+    students = arange(n_students)[:, None, None]
     weights, biases, skip = packed_layout.unflatten(packed)
     full_w, full_b = [], []
     for l, (w, b) in enumerate(zip(weights, biases)):
         fan_out, fan_in = layout.sizes[l + 1], layout.sizes[l]
-        arange = partial(torch.arange, device=packed.device)
         rows = index[l] if l < len(index) else arange(fan_out).expand(n_students, -1)
         cols = index[l - 1] if l > 0 else arange(fan_in).expand(n_students, -1)
         out_w = packed.new_zeros(n_students, fan_out, fan_in)
@@ -603,6 +603,7 @@ def train_students(students: StudentBatch, X: torch.Tensor, y: torch.Tensor, *,
                          f"the {finisher} one)")
     else:
         finish, name = levenberg_marquardt, "levenberg-marquardt"
+
     def second_order(theta, X, y, **options):
         """The finisher, on the packed students where compaction pruned enough neurons."""
         packed = packed_students(theta, layout)
