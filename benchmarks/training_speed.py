@@ -25,7 +25,11 @@ Methods, each in a fresh subprocess (so that its peak RSS is its own):
 * steps: samples per second of one Adam step of the batched students on the Adam phase's rows
   (autograd through eandc.mlp.forward, the fused analytic gradient, the fused gradient with a
   torch.compile'd activation), one Levenberg-Marquardt iteration, and their GFLOP/s (matrix
-  products counted by torch.utils.flop_counter, Cholesky factorisations added as P^3/3).
+  products counted by torch.utils.flop_counter, Cholesky factorisations added as P^3/3); and the
+  floor of a step: only the arithmetic that no implementation of it can skip, run with PyTorch's
+  kernels on cache-sized chunks of rows (the first layer's product, the transcendental functions
+  the activation's value needs, ``FLOOR_FUNCTIONS``, and the first layer's gradient product),
+  whose time bounds the speed-up over autograd that any step built from these kernels can reach.
 * peak (once per run): float64 and float32 matrix-multiply GFLOP/s (4096 x 4096 products).
 
 ``--quick`` scales the budget from 600 s down to 20 s (eandc runs have no budget). Writes
@@ -68,6 +72,11 @@ PROBLEMS = {
     "T3": dict(d_in=784, width=32, d_out=10, activation="g", n=10_000, students=10,
                student_width=128, inputs="uniform01"),
 }
+# The transcendental functions an activation's value needs at least, once per hidden activity:
+# softplus(z) = max(z, 0) + log1p(exp(-|z|)) and g adds sigmoid(4z), a rational function of
+# exp(-|z|); tanh is one tanh.
+FLOOR_FUNCTIONS = {"g": ("exp", "log1p"), "softplus": ("exp", "log1p"), "tanh": ("tanh",),
+                   "sigmoid": ("exp",)}
 METHODS = {
     "T1": ["steps", "recipe", "lbfgs", "eandc", "eandc_e2e"],
     "T1tanh": ["sklearn", "eandc", "eandc_e2e"],
@@ -173,7 +182,38 @@ def run_steps(problem, device, seed):
     lm_flops = counter.get_total_flops() + n_students * (P ** 3 / 3 + 4 * P ** 2)
     out["lm_iteration"] = dict(seconds=lm, samples_per_second=rows / lm, gflop=lm_flops / 1e9,
                                gflops=lm_flops / 1e9 / lm)
+    floor = step_floor(layout, act, Xs, n_students, device)
+    out["floor"] = dict(seconds_per_step=floor, samples_per_second=rows / floor,
+                        functions=list(FLOOR_FUNCTIONS[act.name]),
+                        ceiling_over_autograd=out["autograd"]["seconds_per_step"] / floor)
     return out
+
+
+def step_floor(layout, act, X, n_students, device):
+    """Seconds of the part of one gradient step that no implementation can skip, on PyTorch's
+    kernels: per chunk of rows (as many as :func:`eandc.fast.loss_and_gradient` takes), the
+    first layer's pre-activations of all students (one product), ``FLOOR_FUNCTIONS`` of the
+    activation applied in place to them, and the first layer's gradient product."""
+    import torch
+
+    from eandc.fast import CHUNK_ELEMENTS, _chunk_rows
+
+    width = layout.widths[0]
+    rows = _chunk_rows(X.shape[0], n_students, max(layout.widths), CHUNK_ELEMENTS)
+    w_first = torch.randn(n_students * width, layout.d_in, dtype=X.dtype, device=device)
+    functions = [getattr(torch, name) for name in FLOOR_FUNCTIONS[act.name]]
+    z = torch.empty(rows, n_students * width, dtype=X.dtype, device=device)
+    gradient = torch.empty_like(w_first)
+
+    def step():
+        for start in range(0, X.shape[0], rows):
+            x = X[start:start + rows]
+            h = torch.mm(x, w_first.T, out=z[:x.shape[0]])
+            for f in functions:
+                f(h, out=h)
+            torch.mm(h.T, x, out=gradient)
+
+    return _best_seconds(step, device)
 
 
 def run_t3(method, device, seed):
@@ -510,6 +550,11 @@ def report(results, args, budget):
                          f"({s['compiled']['speedup_over_autograd']:.2f}x, first call "
                          f"{s['compiled']['first_call_seconds']:.1f} s); LM iteration "
                          f"{s['lm_iteration']['seconds'] * 1e3:.0f} ms")
+            if "floor" in s:
+                f = s["floor"]
+                lines.append(f"      floor of a step ({' + '.join(f['functions'])} per hidden activity "
+                             f"and the first layer's two products): {f['samples_per_second']:,.0f} "
+                             f"samples/s, at most {f['ceiling_over_autograd']:.1f}x over autograd")
             if "float64" in peak:
                 share = 100 * s["lm_iteration"]["gflops"] / peak["float64"]
                 lines.append(f"      GFLOP/s: fused step {s['fused']['gflops']:.2f}, LM iteration "
