@@ -23,8 +23,9 @@ Methods, each in a fresh subprocess (so that its peak RSS is its own):
   ones only when the first is not exact); exact = widths right and max cosine distance
   <= 1e-10 on 5,000 held-out queries (eandc.compare).
 * steps: samples per second of one Adam step of the batched students on the Adam phase's rows
-  (autograd through eandc.mlp.forward, the fused analytic gradient, the fused gradient with a
-  torch.compile'd activation), one Levenberg-Marquardt iteration, and their GFLOP/s (matrix
+  (autograd through eandc.mlp.forward, the chunked analytic gradient of eandc.fast, the same
+  with a torch.compile'd activation, and the compiled kernel of eandc.native, what adam_phase
+  takes by default on the CPU), one Levenberg-Marquardt iteration, and their GFLOP/s (matrix
   products counted by torch.utils.flop_counter, Cholesky factorisations added as P^3/3); and the
   floor of a step: only the arithmetic that no implementation of it can skip, run with PyTorch's
   kernels on cache-sized chunks of rows (the first layer's product, the transcendental functions
@@ -145,9 +146,11 @@ def _adam_rows(layout, n):
 
 
 def run_steps(problem, device, seed):
-    """Samples/s of one Adam step (autograd / fused / compiled), one LM iteration, GFLOP/s."""
+    """Samples/s of one Adam step (autograd / chunked / compiled / native), one LM iteration,
+    GFLOP/s."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from eandc import native
     from eandc.fast import loss_and_gradient
     from eandc.training import adam_phase, levenberg_marquardt
 
@@ -156,7 +159,13 @@ def run_steps(problem, device, seed):
     Xs, ys = X[:rows], y[:rows]
     out = dict(rows=rows, n_students=theta0.shape[0], n_parameters=layout.size)
     steps = 5
-    for gradient in ("autograd", "fused", "compiled"):
+    gradients = ["autograd", "chunked", "compiled"]
+    reason = native.unsupported_reason(layout, act, Xs, theta0)
+    if reason is None:
+        gradients.append("native")
+    else:
+        out["native_unavailable"] = reason
+    for gradient in gradients:
         t0 = time.perf_counter()
         adam_phase(theta0, layout, act, Xs, ys, 1, gradient=gradient)  # warm-up (compiles)
         _sync(device)
@@ -165,14 +174,15 @@ def run_steps(problem, device, seed):
                                                               gradient=g), device) / steps
         out[gradient] = dict(seconds_per_step=seconds, samples_per_second=rows / seconds,
                              first_call_seconds=warm)
-    for gradient in ("fused", "compiled"):
+    for gradient in gradients[1:]:
         out[gradient]["speedup_over_autograd"] = (out["autograd"]["seconds_per_step"]
                                                   / out[gradient]["seconds_per_step"])
-    with FlopCounterMode(display=False) as counter:
-        loss_and_gradient(theta0, layout, act, Xs, ys)
+    with FlopCounterMode(display=False) as counter:  # the native kernel does the same products
+        loss_and_gradient(theta0, layout, act, Xs, ys, backend="torch")
     flops = counter.get_total_flops()
-    out["fused"]["gflop_per_step"] = flops / 1e9
-    out["fused"]["gflops"] = flops / 1e9 / out["fused"]["seconds_per_step"]
+    for gradient in gradients[1:]:
+        out[gradient]["gflop_per_step"] = flops / 1e9
+        out[gradient]["gflops"] = flops / 1e9 / out[gradient]["seconds_per_step"]
     # Levenberg-Marquardt: two iterations from the initial students (all of them active)
     lm = _best_seconds(lambda: levenberg_marquardt(theta0, layout, act, Xs, ys, max_iter=2,
                                                    patience=10**6), device, reps=2) / 2
@@ -542,24 +552,31 @@ def report(results, args, budget):
         lines += ["", "Adam step of all students on the Adam phase's rows (samples/s, higher is "
                       "better) and one Levenberg-Marquardt iteration:"]
         for p, s in steps.items():
+            # records before the native kernel called the chunked PyTorch step "fused"
+            fast = [(label, s[key]) for label, key in (("chunked", "chunked"), ("chunked", "fused"),
+                                                       ("compiled", "compiled"), ("native", "native"))
+                    if key in s]
             lines.append(f"  {p} ({s['n_students']} x {s['n_parameters']} params, {s['rows']} rows): "
-                         f"autograd {s['autograd']['samples_per_second']:,.0f}, fused "
-                         f"{s['fused']['samples_per_second']:,.0f} "
-                         f"({s['fused']['speedup_over_autograd']:.2f}x), compiled "
-                         f"{s['compiled']['samples_per_second']:,.0f} "
-                         f"({s['compiled']['speedup_over_autograd']:.2f}x, first call "
-                         f"{s['compiled']['first_call_seconds']:.1f} s); LM iteration "
-                         f"{s['lm_iteration']['seconds'] * 1e3:.0f} ms")
+                         f"autograd {s['autograd']['samples_per_second']:,.0f}, "
+                         + ", ".join(f"{label} {r['samples_per_second']:,.0f} "
+                                     f"({r['speedup_over_autograd']:.2f}x"
+                                     + (f", first call {r['first_call_seconds']:.1f} s)"
+                                        if label == "compiled" else ")") for label, r in fast)
+                         + f"; LM iteration {s['lm_iteration']['seconds'] * 1e3:.0f} ms")
+            if "native_unavailable" in s:
+                lines.append(f"      native kernel not run: {s['native_unavailable']}")
             if "floor" in s:
                 f = s["floor"]
-                lines.append(f"      floor of a step ({' + '.join(f['functions'])} per hidden activity "
-                             f"and the first layer's two products): {f['samples_per_second']:,.0f} "
-                             f"samples/s, at most {f['ceiling_over_autograd']:.1f}x over autograd")
+                lines.append(f"      floor of a step on PyTorch's kernels ({' + '.join(f['functions'])} "
+                             f"per hidden activity and the first layer's two products): "
+                             f"{f['samples_per_second']:,.0f} samples/s, at most "
+                             f"{f['ceiling_over_autograd']:.1f}x over autograd for a step built from them")
             if "float64" in peak:
                 share = 100 * s["lm_iteration"]["gflops"] / peak["float64"]
-                lines.append(f"      GFLOP/s: fused step {s['fused']['gflops']:.2f}, LM iteration "
-                             f"{s['lm_iteration']['gflops']:.2f}; float64 matmul peak "
-                             f"{peak['float64']:.1f} ({share:.0f}% for LM)")
+                lines.append("      GFLOP/s: " + ", ".join(f"{label} step {r['gflops']:.2f}"
+                                                           for label, r in fast if "gflops" in r)
+                             + f", LM iteration {s['lm_iteration']['gflops']:.2f}; float64 matmul "
+                             f"peak {peak['float64']:.1f} ({share:.0f}% for LM)")
     if "T3" in results:
         lines += ["", "T3 (784-128-10 x 10 students, 10,000 rows): seconds per epoch (minibatch 512) "
                       "and per iteration (all students)"]

@@ -133,7 +133,8 @@ def ensure_kernel() -> str:
 
 def _sources_digest() -> str:
     digest = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.glob("*.py")):
+    package = Path(__file__).parent
+    for path in sorted([*package.glob("*.py"), *package.glob("*.c")]):  # native.c too
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 

@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .storage import CorruptFileError
+from .storage import CorruptFileError, user_cache_folder
 from .teachers import check_inputs
 
 __all__ = [
@@ -136,9 +136,7 @@ class MnistSplit:
 
 def default_cache_folder() -> Path:
     """``$XDG_CACHE_HOME/eandc/mnist`` (when set to an absolute path), else ``~/.cache/eandc/mnist``."""
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
-    return base / "eandc" / "mnist"
+    return user_cache_folder("mnist")
 
 
 def _resolve_folder(data_dir) -> tuple[Path, str]:

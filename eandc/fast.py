@@ -1,20 +1,25 @@
 """Fused analytic loss gradient of many students at once, for the first-order (Adam) phase.
 
-What the profiler showed (``torch.profiler``, one thread, g students 8-64-1 x 10 on 6,410 rows,
-the Adam phase of problem T2 of ``benchmarks/training_speed.py``): the autograd step spends
-~85% of its time in element-wise kernels (``add``, ``sigmoid``, ``mul``, ``sub``, ``softplus``
-and their backward) over whole ``(students, samples, width)`` tensors of 33 MB, which do not
-fit in cache, and only ~7% in ``bmm``. Here the same arithmetic runs over chunks of samples that
-stay in the L2 cache, the derivative comes with the value (``Activation.value_and_derivative``),
-the first layer of all students is one matrix product, and the backward pass is a few batched
-matrix products. Measured by the benchmark (one thread, shared 2-core machine): an Adam step
-1.9x (T1) and 2.5x (T2) faster than autograd; on MNIST-sized students (T3, GEMM-bound) 1.9x
-per full-batch step (peak RSS 494 MB instead of 1,331), 1.2x per epoch of 512-row minibatches.
-``compiled=True`` runs the activation through ``torch.compile``: 3-4x faster activation kernels
-in isolation, but no consistent gain on the whole step (2.35x vs 1.9x on T1, 2.46x vs 2.53x on
-T2) for 4-20 s of compiling per activation and process, so it is off by default; without a
-working compiler it falls back to the eager activation.
+Two implementations of the same arithmetic, behind :func:`loss_and_gradient`:
 
+* ``"native"``: the compiled CPU kernel of :mod:`eandc.native` (float64, every student's forward
+  and backward pass in one sweep over the samples, the activation from vectorised polynomials).
+  ``backend="auto"`` takes it wherever it applies (``eandc.native.unsupported_reason``).
+* ``"torch"``: chunked PyTorch, for GPUs, float32, GELU and wide (MNIST-sized) layers. What the
+  profiler showed (``torch.profiler``, one thread, g students 8-64-1 x 10 on 6,410 rows, the
+  Adam phase of problem T2 of ``benchmarks/training_speed.py``): the autograd step spends ~85% of
+  its time in element-wise kernels (``add``, ``sigmoid``, ``mul``, ``sub``, ``softplus`` and their
+  backward) over whole ``(students, samples, width)`` tensors of 33 MB, which do not fit in
+  cache, and only ~7% in ``bmm``. Here the same arithmetic runs over chunks of samples that stay
+  in the L2 cache, the derivative comes with the value (``Activation.value_and_derivative``), the
+  first layer of all students is one matrix product, and the backward pass is a few batched
+  matrix products: 1.2-2.5x faster than autograd on CPU (T1, T2), 1.9x per full-batch step on
+  MNIST-sized students (T3, GEMM-bound; peak RSS 494 MB instead of 1,331). ``compiled=True``
+  runs the activation through ``torch.compile``: 3-4x faster activation kernels in isolation, but
+  no consistent gain on the whole step for 4-20 s of compiling per activation and process, so it
+  is off by default; without a working compiler it falls back to the eager activation.
+
+The benchmark's figures for both are in ``benchmarks/README.md``.
 :func:`autograd_loss_and_gradient` is the reference (autograd through :func:`eandc.mlp.forward`).
 """
 
@@ -25,11 +30,12 @@ import math
 
 import torch
 
+from . import native
 from .activations import Activation
 from .mlp import Layout, forward
 
 __all__ = ["loss_and_gradient", "autograd_loss_and_gradient", "compiled_value_and_derivative",
-           "CHUNK_ELEMENTS"]
+           "CHUNK_ELEMENTS", "BACKENDS", "chosen_backend"]
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +44,26 @@ CHUNK_ELEMENTS = 1 << 16
 # ... but at least this many samples per chunk, so that wide inputs still make efficient GEMMs.
 MIN_CHUNK_ROWS = 128
 
+BACKENDS = ("auto", "native", "torch")
+
 _compiled: dict[str, object] = {}
+
+
+def chosen_backend(layout: Layout, activation: Activation, X: torch.Tensor, backend: str = "auto",
+                   compiled: bool = False, theta: torch.Tensor | None = None) -> str:
+    """``"native"`` or ``"torch"``: what :func:`loss_and_gradient` runs for ``backend``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch" or compiled:
+        if backend == "native":
+            raise ValueError("compiled=True runs the torch backend, not the native one")
+        return "torch"
+    reason = native.unsupported_reason(layout, activation, X, theta)
+    if reason is None:
+        return "native"
+    if backend == "native":
+        raise ValueError(f"the native kernel does not apply: {reason}")
+    return "torch"
 
 
 def compiled_value_and_derivative(activation: Activation):
@@ -76,15 +101,20 @@ def _chunk_rows(n: int, n_students: int, width: int, chunk_elements: int) -> int
 @torch.no_grad()
 def loss_and_gradient(theta: torch.Tensor, layout: Layout, activation: Activation, X: torch.Tensor,
                       y: torch.Tensor, *, chunk_elements: int = CHUNK_ELEMENTS,
-                      compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                      compiled: bool = False, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Mean squared error of each student ``(N,)`` and its gradient w.r.t. ``theta`` ``(N, P)``.
 
     The gradient is that of the sum of the students' losses (each student's own gradient), in
-    the flat layout. Forward pass keeping each hidden layer's activation derivative, then
-    backpropagation by matrix products, ``chunk_elements`` hidden activities at a time.
+    the flat layout. ``backend``: ``"auto"`` (the native kernel where it applies, else torch),
+    ``"native"`` (an error where it does not apply) or ``"torch"``. The torch path: forward pass
+    keeping each hidden layer's activation derivative, then backpropagation by matrix products,
+    ``chunk_elements`` hidden activities at a time (``compiled``: the activation through
+    ``torch.compile``).
     """
     if not layout.widths:
         raise ValueError("loss_and_gradient needs at least one hidden layer")
+    if chosen_backend(layout, activation, X, backend, compiled, theta) == "native":
+        return native.loss_and_gradient(theta, layout, activation, X, y)
     vd = compiled_value_and_derivative(activation) if compiled else activation.value_and_derivative
     weights, biases, skip = layout.unflatten(theta.detach())
     n_students, n, n_layers, d_in = theta.shape[0], X.shape[0], layout.n_layers, layout.d_in

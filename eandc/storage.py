@@ -18,13 +18,21 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["atomic_write_bytes", "array_digest", "save_arrays", "load_arrays", "CorruptFileError"]
+__all__ = ["atomic_write_bytes", "array_digest", "save_arrays", "load_arrays", "CorruptFileError",
+           "user_cache_folder"]
 
 _META_KEY = "__meta__"
 
 
 class CorruptFileError(ValueError):
     """A stored file is unreadable, truncated, or does not match its recorded checksums."""
+
+
+def user_cache_folder(name: str) -> Path:
+    """``$XDG_CACHE_HOME/eandc/<name>`` (when set to an absolute path), else ``~/.cache/eandc/<name>``."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
+    return base / "eandc" / name
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

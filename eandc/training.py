@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .activations import Activation
-from .fast import loss_and_gradient
+from .fast import chosen_backend, loss_and_gradient
 from .mlp import Layout, StudentBatch, forward
 from .resources import available_memory, check_training_memory, training_memory
 
@@ -60,8 +60,9 @@ COMPACTION_MAX_LOSS = 1e-4
 # Tolerances of the successive compaction rounds (coarse first; a round that hurts a student is
 # undone for that student, and the next, finer round tries again).
 COMPACTION_TOLERANCES = (1e-2, 1e-3, 1e-4)
-# How adam_phase computes its gradient (see there).
-GRADIENTS = ("fused", "compiled", "autograd")
+# How adam_phase computes its gradient (see there), and the eandc.fast backend of each.
+GRADIENTS = {"fused": "auto", "native": "native", "chunked": "torch", "compiled": "torch",
+             "autograd": None}
 # Above this many parameters per student, train_students finishes with the matrix-free
 # Levenberg-Marquardt (eandc.matfree): a dense iteration costs O(n P^2 + P^3) time per student.
 DENSE_MAX_PARAMS = 4_000
@@ -367,13 +368,16 @@ def adam_phase(theta: torch.Tensor, layout: Layout, activation: Activation, X: t
     ``batch_size``: ``None`` (or at least the number of rows) for full-batch steps; else each
     step takes the next ``batch_size`` rows of an epoch's random order of the rows
     (:func:`epoch_order`, from ``seed``), every student the same rows, as the published recipe
-    does. ``gradient``: ``"fused"`` (analytic, :func:`eandc.fast.loss_and_gradient`, 2-2.5x
-    faster on CPU), ``"compiled"`` (the same with the activation through ``torch.compile``: no
-    consistent gain measured) or ``"autograd"`` (the reference: autograd through
-    :func:`forward`).
+    does. ``gradient``: ``"fused"`` (analytic, :func:`eandc.fast.loss_and_gradient`: the
+    compiled kernel of :mod:`eandc.native` where it applies, else chunked PyTorch), ``"native"``
+    or ``"chunked"`` (one of those two, forced), ``"compiled"`` (chunked, the activation through
+    ``torch.compile``: no consistent gain measured) or ``"autograd"`` (the reference: autograd
+    through :func:`forward`).
     """
     if gradient not in GRADIENTS:
-        raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
+        raise ValueError(f"gradient must be one of {tuple(GRADIENTS)}, got {gradient!r}")
+    if gradient == "native":  # refused before any work, not at the first step
+        chosen_backend(layout, activation, X, "native", theta=theta)
     n = X.shape[0]
     _check_batch_size(batch_size)
     per_epoch = math.ceil(n / batch_size) if batch_size is not None and batch_size < n else 1
@@ -400,7 +404,8 @@ def adam_phase(theta: torch.Tensor, layout: Layout, activation: Activation, X: t
             loss.backward()
         else:
             theta.grad = loss_and_gradient(theta, layout, activation, Xb, yb,
-                                           compiled=gradient == "compiled")[1]
+                                           compiled=gradient == "compiled",
+                                           backend=GRADIENTS[gradient])[1]
         if fixed is not None:
             theta.grad.masked_fill_(fixed, 0.0)  # Adam then leaves these entries unchanged
         optimizer.step()

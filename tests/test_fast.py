@@ -1,36 +1,17 @@
-"""The fused analytic gradient (eandc.fast) against autograd, and the batched forward against
-independent torch.nn modules (the skip term; tests/test_mlp.py covers networks without it)."""
-
-import math
+"""The fused analytic gradient (eandc.fast, its torch backend; tests/test_native.py covers the
+native one) against autograd, and the batched forward against independent torch.nn modules (the
+skip term; tests/test_mlp.py covers networks without it)."""
 
 import numpy as np
 import pytest
 import torch
+from conftest import random_students
 
-from eandc import ACTIVATIONS, MLP, StudentBatch
+from eandc import MLP, StudentBatch
+from eandc.activations import ACTIVATIONS
 from eandc.fast import autograd_loss_and_gradient, compiled_value_and_derivative, loss_and_gradient
-from eandc.mlp import Layout, forward
+from eandc.mlp import forward
 from eandc.training import adam_phase, epoch_order
-
-
-def _problem(activation, widths, skip, n_students=3, n=257, d_in=3, d_out=2, seed=0):
-    """Random students (weights N(0, 1/fan_in), as eandc initialises them), inputs and targets.
-
-    The scale keeps pre-activations well below 20, where torch's softplus switches to the
-    identity while ``value_and_derivative`` still returns sigmoid(z) = 1 - 2e-9 as derivative.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    layout = Layout(d_in, widths, d_out, skip)
-    weights, biases = [], []
-    for fan_in, fan_out in zip(layout.sizes[:-1], layout.sizes[1:]):
-        weights.append(torch.randn(n_students, fan_out, fan_in, generator=gen, dtype=torch.float64)
-                       / math.sqrt(fan_in))
-        biases.append(torch.randn(n_students, fan_out, generator=gen, dtype=torch.float64))
-    skip_w = torch.randn(n_students, d_out, d_in, generator=gen, dtype=torch.float64) if skip else None
-    theta = layout.flatten(weights, biases, skip_w)
-    X = torch.randn(n, d_in, generator=gen, dtype=torch.float64)
-    y = torch.randn(n, d_out, generator=gen, dtype=torch.float64)
-    return theta, layout, ACTIVATIONS[activation], X, y
 
 
 def _relative(a, b):
@@ -41,11 +22,11 @@ def _relative(a, b):
 @pytest.mark.parametrize("widths", [(5,), (6, 4)], ids=["depth1", "depth2"])
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
 def test_fused_gradient_matches_autograd(activation, widths, skip):
-    theta, layout, act, X, y = _problem(activation, widths, skip)
+    theta, layout, act, X, y = random_students(activation, widths, skip)
     ref_loss, ref_grad = autograd_loss_and_gradient(theta, layout, act, X, y)
     # chunk_elements=1: chunks of MIN_CHUNK_ROWS rows, so the 257 samples take three chunks
     for chunk in (1, 1 << 16):
-        loss, grad = loss_and_gradient(theta, layout, act, X, y, chunk_elements=chunk)
+        loss, grad = loss_and_gradient(theta, layout, act, X, y, chunk_elements=chunk, backend="torch")
         assert loss.shape == ref_loss.shape and grad.shape == theta.shape
         assert float(((loss - ref_loss).abs() / ref_loss).max()) < 1e-12
         assert _relative(grad, ref_grad) < 1e-12
@@ -54,17 +35,18 @@ def test_fused_gradient_matches_autograd(activation, widths, skip):
 
 
 def test_fused_gradient_leaves_inputs_alone_and_takes_a_leaf_that_requires_grad():
-    theta, layout, act, X, y = _problem("g", (5,), True)
+    theta, layout, act, X, y = random_students("g", (5,), True)
     before = theta.clone()
     leaf = theta.clone().requires_grad_(True)
-    loss, grad = loss_and_gradient(leaf, layout, act, X, y)
-    assert not loss.requires_grad and not grad.requires_grad
-    assert torch.equal(theta, before)
+    for backend in ("auto", "torch"):
+        loss, grad = loss_and_gradient(leaf, layout, act, X, y, backend=backend)
+        assert not loss.requires_grad and not grad.requires_grad
+        assert torch.equal(theta, before)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # raised inside torch.compile
 def test_compiled_activation_matches_or_falls_back():
-    theta, layout, act, X, y = _problem("tanh", (5,), False)
+    theta, layout, act, X, y = random_students("tanh", (5,), False)
     ref_loss, ref_grad = autograd_loss_and_gradient(theta, layout, act, X, y)
     loss, grad = loss_and_gradient(theta, layout, act, X, y, compiled=True)
     assert _relative(grad, ref_grad) < 1e-12
@@ -73,9 +55,9 @@ def test_compiled_activation_matches_or_falls_back():
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-@pytest.mark.parametrize("gradient", ["fused", "compiled"])
+@pytest.mark.parametrize("gradient", ["fused", "chunked", "compiled"])
 def test_adam_phase_fused_follows_the_autograd_path(gradient):
-    theta, layout, act, X, y = _problem("g", (5,), False)
+    theta, layout, act, X, y = random_students("g", (5,), False)
     ref = adam_phase(theta, layout, act, X, y, 20, gradient="autograd")
     got = adam_phase(theta, layout, act, X, y, 20, gradient=gradient)
     assert _relative(got - theta, ref - theta) < 1e-9
@@ -84,7 +66,7 @@ def test_adam_phase_fused_follows_the_autograd_path(gradient):
 
 
 def test_minibatch_adam_follows_independent_students_on_the_same_minibatches():
-    theta, layout, act, X, y = _problem("g", (5, 3), False, n=100)
+    theta, layout, act, X, y = random_students("g", (5, 3), False, n=100)
     steps, batch = 12, 32  # 4 minibatches per epoch, the last of 4 rows: 3 epochs
     got = adam_phase(theta, layout, act, X, y, steps, lr=1e-2, batch_size=batch, seed=5)
     for s in range(theta.shape[0]):  # each student alone, autograd, its own optimizer
@@ -110,7 +92,7 @@ def test_minibatch_adam_follows_independent_students_on_the_same_minibatches():
 
 @pytest.mark.parametrize("activation", ["g", "softplus", "leaky_relu"])
 def test_batched_forward_with_skip_matches_independent_modules(activation):
-    theta, layout, act, X, _ = _problem(activation, (6, 4), True, n_students=4)
+    theta, layout, act, X, _ = random_students(activation, (6, 4), True, n_students=4)
     batch = StudentBatch(theta, layout, act)
     out = forward(theta, layout, act, X)
     for s in range(batch.n_students):

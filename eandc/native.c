@@ -1,0 +1,359 @@
+/* Loss and gradient of many MLP students in one pass over the samples (float64, CPU).
+
+   The C half of eandc/native.py, which compiles it on first use and calls it through ctypes.
+   Students are independent: OpenMP threads take every T-th student (PyTorch's own OpenMP pool
+   where the library shares its libgomp, so no second pool spins against it), and a student's
+   sums run in the same order whatever the number of threads: results are bitwise reproducible.
+   For one student, the samples go through the network CHUNK rows at a time, laid out
+   neuron-major ([neuron][row]), so that every loop over rows is contiguous and vectorised by the
+   compiler and all activities of a chunk stay in cache. Gradient sums over rows are kept as LANES
+   partial sums per parameter (no horizontal sum per chunk) and added up once per student. The
+   activation's value and derivative come out of one exponential (and, for g and softplus, one
+   log1p) written here as polynomials after range reduction, which the compiler vectorises
+   (libm's scalar calls would not be).
+
+   Flat layout of a student (as eandc.mlp.Layout): for each layer its weights (fan_out x fan_in,
+   row-major), then its biases, then, with skip, the d_out x d_in linear term. */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifndef CHUNK
+#define CHUNK 64
+#endif
+#define LANES 8  /* partial sums per gradient entry: one AVX-512 register, two AVX2 ones */
+
+enum { ACT_G = 0, ACT_TANH, ACT_SIGMOID, ACT_SOFTPLUS, ACT_RELU, ACT_LEAKY_RELU, ACT_SILU };
+
+#define LEAKY_SLOPE 0.01
+#define MAX_LAYERS 64
+
+/* ---------- elementary functions, vectorisable ---------- */
+
+static inline double as_double(uint64_t u) { double d; memcpy(&d, &u, sizeof d); return d; }
+static inline uint64_t as_bits(double d) { uint64_t u; memcpy(&u, &d, sizeof u); return u; }
+
+/* exp(x) and expm1(x) for x <= 0, to about one ulp: x = k ln2 + r, |r| <= ln2/2, expm1(r) by
+   its Taylor polynomial of degree 13 (truncation below 2e-17 relative), exp(x) = 2^k (1 +
+   expm1(r)). Below -708, where 2^k would leave the normal numbers, exp(x) is taken as 0. */
+static inline void exp_expm1_nonpositive(double x, double *e, double *em1) {
+    const double shift = 0x1.8p52, log2e = 0x1.71547652b82fep0;
+    const double ln2_hi = 0x1.62e42fee00000p-1, ln2_lo = 0x1.a39ef35793c76p-33;
+    int underflow = x < -708.0;
+    x = underflow ? -708.0 : x;
+    double t = x * log2e + shift;
+    double k = t - shift;
+    int64_t ki = (int64_t)(as_bits(t) - as_bits(shift));
+    double r = (x - k * ln2_hi) - k * ln2_lo;
+    /* q = sum_{k=2}^{13} r^(k-2)/k!, by Estrin's scheme: a short dependency chain, so that
+       the out-of-order core overlaps many elements */
+    double r2 = r * r, r4 = r2 * r2, r8 = r4 * r4;
+    double a0 = 1.0 / 2 + r * (1.0 / 6), a1 = 1.0 / 24 + r * (1.0 / 120);
+    double a2 = 1.0 / 720 + r * (1.0 / 5040), a3 = 1.0 / 40320 + r * (1.0 / 362880);
+    double a4 = 1.0 / 3628800 + r * (1.0 / 39916800), a5 = 1.0 / 479001600 + r * (1.0 / 6227020800.0);
+    double q = (a0 + r2 * a1) + r4 * (a2 + r2 * a3) + r8 * (a4 + r2 * a5);
+    double p = r + r * r * q;                 /* expm1(r) */
+    double scale = as_double((uint64_t)(ki + 1023) << 52);
+    *e = underflow ? 0.0 : scale + scale * p;
+    *em1 = underflow ? -1.0 : scale * p + (scale - 1.0);
+}
+
+/* log(1 + e) for 0 <= e <= 1: log(m) = 2 atanh((m - 1)/(m + 1)) with m = 1 + e, or m = (1 + e)/2
+   (plus log 2) above sqrt(2) - 1, so that |t| <= 0.172; the atanh series to t^21 (truncation
+   below 1e-18 relative). t = e/(2 + e) keeps the precision of a tiny e. */
+static inline double log1p_from_quotient(double t, double upper) {
+    const double ln2 = 0x1.62e42fefa39efp-1;
+    double s = t * t, s2 = s * s, s4 = s2 * s2;  /* q = sum_{k=1}^{10} s^(k-1)/(2k+1), Estrin */
+    double a0 = 1.0 / 3 + s * (1.0 / 5), a1 = 1.0 / 7 + s * (1.0 / 9), a2 = 1.0 / 11 + s * (1.0 / 13);
+    double a3 = 1.0 / 15 + s * (1.0 / 17), a4 = 1.0 / 19 + s * (1.0 / 21);
+    double q = (a0 + s2 * a1) + s4 * ((a2 + s2 * a3) + s4 * a4);
+    return upper * ln2 + (2.0 * t + 2.0 * t * s * q);
+}
+
+/* the arithmetic stays branch-free (upper is 0 or 1): a select around a division makes the
+   compiler divide twice, once per branch */
+static inline double log1p_unit(double e) {
+    double upper = e > 0.41421356237309503 ? 1.0 : 0.0;
+    return log1p_from_quotient((e - upper) / (e + 2.0 + upper), upper);
+}
+
+/* value and derivative of the activation on n pre-activations */
+static void activate(int activation, const double *z, double *value,
+                     double *restrict slope, int n) {
+    switch (activation) {
+    case ACT_G:  /* sigmoid(4x) + softplus(x); exp(-4|x|) = exp(-|x|)^4 */
+#pragma omp simd
+        for (int r = 0; r < n; r++) {
+            double x = z[r], a = fabs(x), e, em1;
+            exp_expm1_nonpositive(-a, &e, &em1);
+            double e2 = e * e, e4 = e2 * e2;
+            double i1 = 1.0 / (1.0 + e), i4 = 1.0 / (1.0 + e4);
+            double sig = x >= 0.0 ? i1 : e * i1;
+            double sig4 = x >= 0.0 ? i4 : e4 * i4;
+            value[r] = sig4 + ((x > 0.0 ? x : 0.0) + log1p_unit(e));
+            slope[r] = 4.0 * e4 * i4 * i4 + sig;
+        }
+        break;
+    case ACT_TANH:  /* tanh|x| = -expm1(-2|x|)/(2 + expm1(-2|x|)), 1 - tanh^2 = 4 e/(1 + e)^2 */
+#pragma omp simd
+        for (int r = 0; r < n; r++) {
+            double x = z[r], e, em1;
+            exp_expm1_nonpositive(-2.0 * fabs(x), &e, &em1);
+            double i = 1.0 / (2.0 + em1), t = -em1 * i;
+            value[r] = x >= 0.0 ? t : -t;
+            slope[r] = 4.0 * e * i * i;
+        }
+        break;
+    case ACT_SIGMOID:
+#pragma omp simd
+        for (int r = 0; r < n; r++) {
+            double x = z[r], e, em1;
+            exp_expm1_nonpositive(-fabs(x), &e, &em1);
+            double i = 1.0 / (1.0 + e);
+            value[r] = x >= 0.0 ? i : e * i;
+            slope[r] = e * i * i;
+        }
+        break;
+    case ACT_SOFTPLUS:
+#pragma omp simd
+        for (int r = 0; r < n; r++) {
+            double x = z[r], e, em1;
+            exp_expm1_nonpositive(-fabs(x), &e, &em1);
+            double i = 1.0 / (1.0 + e);
+            value[r] = (x > 0.0 ? x : 0.0) + log1p_unit(e);
+            slope[r] = x >= 0.0 ? i : e * i;
+        }
+        break;
+    case ACT_RELU:
+#pragma omp simd
+        for (int r = 0; r < n; r++) {
+            double x = z[r];
+            value[r] = x > 0.0 ? x : 0.0;
+            slope[r] = x > 0.0 ? 1.0 : 0.0;
+        }
+        break;
+    case ACT_LEAKY_RELU:
+#pragma omp simd
+        for (int r = 0; r < n; r++) {
+            double x = z[r], s = x > 0.0 ? 1.0 : LEAKY_SLOPE;
+            value[r] = x * s;
+            slope[r] = s;
+        }
+        break;
+    case ACT_SILU:  /* x sigmoid(x), derivative s (1 + x (1 - s)) */
+#pragma omp simd
+        for (int r = 0; r < n; r++) {
+            double x = z[r], e, em1;
+            exp_expm1_nonpositive(-fabs(x), &e, &em1);
+            double i = 1.0 / (1.0 + e);
+            double s = x >= 0.0 ? i : e * i, rest = x >= 0.0 ? e * i : i;
+            value[r] = x * s;
+            slope[r] = s * (1.0 + x * rest);
+        }
+        break;
+    }
+}
+
+/* Exported for the tests: the activation on n values, as the kernel computes it. */
+void eandc_activate(int activation, const double *z, double *value, double *slope, int64_t n) {
+    for (int64_t start = 0; start < n; start += CHUNK) {
+        int m = (int)(n - start < CHUNK ? n - start : CHUNK);
+        activate(activation, z + start, value + start, slope + start, m);
+    }
+}
+
+/* ---------- one chunk's linear algebra, rows innermost ---------- */
+
+/* lanes[l] += sum over the chunk's rows r = l (mod LANES) of a[r] b[r] */
+static inline void add_products(const double *restrict a, const double *restrict b,
+                                double *restrict lanes) {
+    double t[LANES];
+    for (int l = 0; l < LANES; l++) t[l] = a[l] * b[l];
+    for (int v = LANES; v < CHUNK; v += LANES)
+        for (int l = 0; l < LANES; l++) t[l] += a[v + l] * b[v + l];
+    for (int l = 0; l < LANES; l++) lanes[l] += t[l];
+}
+
+/* lanes[l] += sum over the chunk's rows r = l (mod LANES) of a[r] */
+static inline void add_values(const double *restrict a, double *restrict lanes) {
+    double t[LANES];
+    for (int l = 0; l < LANES; l++) t[l] = a[l];
+    for (int v = LANES; v < CHUNK; v += LANES)
+        for (int l = 0; l < LANES; l++) t[l] += a[v + l];
+    for (int l = 0; l < LANES; l++) lanes[l] += t[l];
+}
+
+/* out[j][.] = b[j] + sum_i w[j][i] in[i][.] (+ sum_i skip[j][i] x[i][.] when skip) */
+static void affine(const double *restrict w, const double *restrict b, const double *restrict in,
+                   int fan_in, int fan_out, const double *restrict skip, const double *restrict x,
+                   int d_in, double *restrict out) {
+    for (int j = 0; j < fan_out; j++) {
+        double acc[CHUNK];
+        for (int r = 0; r < CHUNK; r++) acc[r] = b[j];
+        for (int i = 0; i < fan_in; i++) {
+            double wji = w[(int64_t)j * fan_in + i];
+            const double *row = in + (int64_t)i * CHUNK;
+#pragma omp simd
+            for (int r = 0; r < CHUNK; r++) acc[r] += wji * row[r];
+        }
+        if (skip)
+            for (int i = 0; i < d_in; i++) {
+                double sji = skip[(int64_t)j * d_in + i];
+                const double *row = x + (int64_t)i * CHUNK;
+#pragma omp simd
+                for (int r = 0; r < CHUNK; r++) acc[r] += sji * row[r];
+            }
+        memcpy(out + (int64_t)j * CHUNK, acc, sizeof acc);
+    }
+}
+
+/* gradient lanes of a layer: gw[j][i] += delta[j] . in[i], gb[j] += sum delta[j] */
+static void accumulate_gradient(const double *restrict delta, const double *restrict in, int fan_in,
+                                int fan_out, double *restrict gw, double *restrict gb) {
+    for (int j = 0; j < fan_out; j++) {
+        double dj[CHUNK];  /* a local copy the compiler keeps in registers across the inputs */
+        memcpy(dj, delta + (int64_t)j * CHUNK, sizeof dj);
+        for (int i = 0; i < fan_in; i++)
+            add_products(dj, in + (int64_t)i * CHUNK, gw + ((int64_t)j * fan_in + i) * LANES);
+        if (gb) add_values(dj, gb + (int64_t)j * LANES);
+    }
+}
+
+/* below[i][r] = slope[i][r] * sum_j w[j][i] delta[j][r] */
+static void backpropagate(const double *restrict w, const double *restrict delta,
+                          const double *restrict slope, int fan_in, int fan_out,
+                          double *restrict below) {
+    for (int i = 0; i < fan_in; i++) {
+        double acc[CHUNK];
+        for (int r = 0; r < CHUNK; r++) acc[r] = 0.0;
+        for (int j = 0; j < fan_out; j++) {
+            double wji = w[(int64_t)j * fan_in + i];
+            const double *row = delta + (int64_t)j * CHUNK;
+#pragma omp simd
+            for (int r = 0; r < CHUNK; r++) acc[r] += wji * row[r];
+        }
+        const double *si = slope + (int64_t)i * CHUNK;
+        double *bi = below + (int64_t)i * CHUNK;
+#pragma omp simd
+        for (int r = 0; r < CHUNK; r++) bi[r] = si[r] * acc[r];
+    }
+}
+
+/* ---------- students ---------- */
+
+typedef struct {
+    int n_layers, skip, activation;
+    const int64_t *sizes;                 /* n_layers + 1 sizes: d_in, widths..., d_out */
+    int64_t n_params, n;
+    const double *theta, *X, *Y;          /* (N, P), (n, d_in), (n, d_out), row-major */
+    double *losses, *grad;                /* (N,), (N, P) */
+    int64_t w_off[MAX_LAYERS], b_off[MAX_LAYERS], skip_off;
+    int64_t widest;                       /* largest layer size */
+} problem;
+
+/* words of one thread's work space: the chunk's inputs, each hidden layer's values and slopes,
+   the outputs, two error buffers, and the gradient and loss lanes */
+static int64_t work_words(const problem *pb) {
+    int64_t words = CHUNK * (pb->sizes[0] + pb->sizes[pb->n_layers] + 2 * pb->widest);
+    for (int l = 1; l < pb->n_layers; l++) words += 2 * CHUNK * pb->sizes[l];
+    return words + LANES * (pb->n_params + 1);
+}
+
+static void student(const problem *pb, int s, double *work) {
+    const int L = pb->n_layers, d_in = (int)pb->sizes[0], d_out = (int)pb->sizes[L];
+    const double *theta = pb->theta + (int64_t)s * pb->n_params;
+    double *x = work, *values[MAX_LAYERS], *slopes[MAX_LAYERS];
+    double *next = x + (int64_t)d_in * CHUNK;
+    for (int l = 0; l < L - 1; l++) {
+        values[l] = next;
+        slopes[l] = next + pb->sizes[l + 1] * CHUNK;
+        next = slopes[l] + pb->sizes[l + 1] * CHUNK;
+    }
+    double *out = next, *delta = out + (int64_t)d_out * CHUNK, *below = delta + pb->widest * CHUNK;
+    double *lanes = below + pb->widest * CHUNK, *sse = lanes + LANES * pb->n_params;
+    const double *skip = pb->skip ? theta + pb->skip_off : NULL;
+    double scale = 2.0 / ((double)pb->n * d_out);
+    memset(lanes, 0, sizeof(double) * LANES * (pb->n_params + 1));
+    for (int64_t start = 0; start < pb->n; start += CHUNK) {
+        int m = (int)(pb->n - start < CHUNK ? pb->n - start : CHUNK);
+        for (int i = 0; i < d_in; i++)
+            for (int r = 0; r < CHUNK; r++)
+                x[i * CHUNK + r] = r < m ? pb->X[(start + r) * d_in + i] : 0.0;
+        /* forward */
+        for (int l = 0; l < L - 1; l++) {
+            int fi = (int)pb->sizes[l], fo = (int)pb->sizes[l + 1];
+            affine(theta + pb->w_off[l], theta + pb->b_off[l], l == 0 ? x : values[l - 1], fi, fo,
+                   NULL, NULL, 0, values[l]);
+            activate(pb->activation, values[l], values[l], slopes[l], fo * CHUNK);
+        }
+        affine(theta + pb->w_off[L - 1], theta + pb->b_off[L - 1], values[L - 2], (int)pb->sizes[L - 1],
+               d_out, skip, x, d_in, out);
+        for (int k = 0; k < d_out; k++) {  /* error; rows past the samples' end count for nothing */
+            const double *yk = pb->Y + start * d_out + k;
+            double *ok = out + k * CHUNK, *dk = delta + k * CHUNK;
+            for (int r = 0; r < CHUNK; r++) ok[r] = r < m ? ok[r] - yk[(int64_t)r * d_out] : 0.0;
+            add_products(ok, ok, sse);
+#pragma omp simd
+            for (int r = 0; r < CHUNK; r++) dk[r] = ok[r] * scale;
+        }
+        /* backward */
+        if (skip) accumulate_gradient(delta, x, d_in, d_out, lanes + LANES * pb->skip_off, NULL);
+        for (int l = L - 1; l >= 0; l--) {
+            int fi = (int)pb->sizes[l], fo = (int)pb->sizes[l + 1];
+            accumulate_gradient(delta, l == 0 ? x : values[l - 1], fi, fo, lanes + LANES * pb->w_off[l],
+                                lanes + LANES * pb->b_off[l]);
+            if (l == 0) break;
+            backpropagate(theta + pb->w_off[l], delta, slopes[l - 1], fi, fo, below);
+            double *swap = delta;
+            delta = below;
+            below = swap;
+        }
+    }
+    double *grad = pb->grad + (int64_t)s * pb->n_params, total = 0.0;
+    for (int64_t p = 0; p < pb->n_params; p++) {
+        double g = 0.0;
+        for (int l = 0; l < LANES; l++) g += lanes[p * LANES + l];
+        grad[p] = g;
+    }
+    for (int l = 0; l < LANES; l++) total += sse[l];
+    pb->losses[s] = total / ((double)pb->n * d_out);
+}
+
+/* losses[s] = mean squared error of student s over the n samples and d_out outputs; grad[s] =
+   its gradient. sizes: n_layers + 1 layer sizes. Returns 0, or: 1 bad layout, 2 out of memory. */
+int eandc_loss_and_gradient(int n_students, int n_layers, const int64_t *sizes, int skip,
+                            int activation, const double *theta, int64_t n_params, const double *X,
+                            const double *Y, int64_t n, double *losses, double *grad, int n_threads) {
+    if (n_layers < 2 || n_layers > MAX_LAYERS || n_students < 1 || n < 1) return 1;
+    problem pb = {n_layers, skip, activation, sizes, n_params, n, theta, X, Y, losses, grad,
+                  {0}, {0}, 0, 0};
+    int64_t offset = 0;
+    for (int l = 0; l < n_layers; l++) {
+        pb.w_off[l] = offset;
+        offset += sizes[l] * sizes[l + 1];
+        pb.b_off[l] = offset;
+        offset += sizes[l + 1];
+        if (sizes[l] > pb.widest) pb.widest = sizes[l];
+    }
+    if (sizes[n_layers] > pb.widest) pb.widest = sizes[n_layers];
+    pb.skip_off = offset;
+    if (skip) offset += sizes[0] * sizes[n_layers];
+    if (offset != n_params) return 1;
+    if (n_threads > n_students) n_threads = n_students;
+    if (n_threads < 1) n_threads = 1;
+    size_t bytes = ((sizeof(double) * work_words(&pb) + 63) / 64) * 64;
+    int failed = 0;
+#pragma omp parallel num_threads(n_threads) reduction(|:failed)
+    {
+        double *work = aligned_alloc(64, bytes);
+#pragma omp for schedule(static, 1)
+        for (int s = 0; s < n_students; s++) {
+            if (work) student(&pb, s, work);
+            else failed = 1;
+        }
+        free(work);
+    }
+    return failed ? 2 : 0;
+}
