@@ -13,7 +13,7 @@ Two implementations of the same arithmetic, behind :func:`loss_and_gradient`:
   cache, and only ~7% in ``bmm``. Here the same arithmetic runs over chunks of samples that stay
   in the L2 cache, the derivative comes with the value (``Activation.value_and_derivative``), the
   first layer of all students is one matrix product, and the backward pass is a few batched
-  matrix products: 1.2-2.5x faster than autograd on CPU (T1, T2), 1.9x per full-batch step on
+  matrix products: 1.2-2.9x faster than autograd on CPU (T1, T2), 1.9x per full-batch step on
   MNIST-sized students (T3, GEMM-bound; peak RSS 494 MB instead of 1,331). ``compiled=True``
   runs the activation through ``torch.compile``: 3-4x faster activation kernels in isolation, but
   no consistent gain on the whole step for 4-20 s of compiling per activation and process, so it

@@ -6,8 +6,9 @@ All students share the queries ``X`` and targets ``y``; each has its own paramet
 whatever the scale of the teacher.
 
 1. :func:`adam_phase`: Adam on every student at once, full-batch or on minibatches (analytic
-   gradient by :mod:`eandc.fast`, autograd as the reference), to leave the flat region around
-   the initialisation cheaply.
+   gradient by :mod:`eandc.fast`: the compiled kernel of :mod:`eandc.native` on the CPU, chunked
+   PyTorch elsewhere, autograd as the reference), to leave the flat region around the
+   initialisation cheaply.
 2. :func:`levenberg_marquardt`: Levenberg-Marquardt with one damping factor per student. Each
    iteration builds the Gauss-Newton matrix ``J^T J`` and gradient ``J^T r`` from analytic
    Jacobians, accumulated over chunks of samples so memory stays bounded, and solves one
