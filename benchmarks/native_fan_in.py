@@ -5,8 +5,10 @@ chunked PyTorch, as the widest layer input grows (the basis of ``eandc.native.MA
 
 Layouts: one hidden layer of 64 neurons on 8 to 256 inputs (one output), MNIST-sized 784-128-10,
 and deep students on few inputs with hidden layers of 64 to 128 (the kernel's limit applies to
-every layer's inputs). Prints milliseconds per gradient and their ratio; writes
-``benchmarks/results/native_fan_in-<date>-<time>.json``.
+every layer's inputs). Prints milliseconds per gradient and their ratio. Then, on T2's students
+(8-64-1), the native gradient under each activation: ReLU costs almost nothing to evaluate, so
+its time is the linear algebra's, and the rest of another activation's time is the activation's
+own. Writes ``benchmarks/results/native_fan_in-<date>-<time>.json``.
 """
 
 from __future__ import annotations
@@ -66,13 +68,26 @@ def main() -> None:
         print(f"{'-'.join(map(str, layout.sizes)):16s} widest input {rows[-1]['widest_input']:4d}: "
               f"torch {ms['torch']:7.1f} ms, native {ms['native']:7.1f} ms, "
               f"native {rows[-1]['native_speedup']:.2f}x", flush=True)
+    by_activation = {}
+    layout = Layout(8, (64,), 1)
+    theta = torch.randn(10, layout.size, generator=gen, dtype=torch.float64) / 8 ** 0.5
+    X = torch.randn(6410, 8, generator=gen, dtype=torch.float64)
+    y = torch.randn(6410, 1, generator=gen, dtype=torch.float64)
+    for name in ("relu", "tanh", "sigmoid", "softplus", "g"):
+        activation = get_activation(name)
+        by_activation[name] = 1e3 * best_seconds(
+            lambda a=activation: native.loss_and_gradient(theta, layout, a, X, y))
+    for name, ms in by_activation.items():
+        share = 1 - by_activation["relu"] / ms
+        print(f"8-64-1 on 6,410 rows, {name:8s}: {ms:6.2f} ms, the activation's share {share:.0%}")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip()
     write_record("native_fan_in", dict(date=datetime.datetime.now().isoformat(timespec="seconds"),
                                        commit=commit, machine=platform.platform(),
                                        processor=platform.processor(), torch=torch.__version__,
                                        threads=args.threads, students=10, rows_per_gradient=args.rows,
-                                       activation="g", results=rows))
+                                       activation="g", results=rows,
+                                       t2_ms_by_activation=by_activation))
 
 
 if __name__ == "__main__":
