@@ -648,6 +648,7 @@ def main():
     record = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), commit=commit,
                   dirty_worktree=dirty, machine=_machine(args.device), threads=args.threads,
                   device=args.device, quick=args.quick, note=args.note, budget_seconds=budget, target=TARGET,
+                  seed=args.seed,
                   problems={p: PROBLEMS[p] for p in args.problems.split(",")},
                   results=results, ratios=ratios, table=text)
     stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M%S")
