@@ -1,0 +1,89 @@
+"""The standard profile's shallow MNIST teachers recovered in their input subspace.
+
+Each shallow teacher of ``eandc.mnist``'s standard profile (784-16-10; g, tanh, sigmoid,
+softplus, ReLU), with its own query set and training options, recovered with
+``input_subspace`` on (``eandc.subspace``): the black box is first probed by finite differences
+along every pixel at a few images, and the students (16-64-10) take the queries' coordinates in
+the span of the Jacobians' rows. Records per teacher the recovered widths, the cosine distances
+on every pixel (no mask), argmax agreement on the held-out images, the subspace dimension, the
+probe queries, the phases' seconds and the wall time; the wall time of the stored pixel-space run
+of the same teacher (``results/mnist/summary.csv``, another day: this machine's speed varies
+between runs) is printed beside it, without a ratio::
+
+    EANDC_DATA=../shared/data/mnist python benchmarks/mnist_subspace.py [--activations tanh,relu]
+
+Prints a table and writes ``benchmarks/results/mnist_subspace-<date>-<time>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+from record import write_record
+
+from eandc import mnist
+
+ROOT = Path(__file__).resolve().parent.parent
+KEYS = ("widths", "clustered_widths", "median_cosine_distance", "max_cosine_distance",
+        "relative_rmse", "argmax_agreement", "teacher_accuracy", "subspace_dimension",
+        "probe_queries", "compared_pixels", "n_queries", "student_losses", "source", "timings",
+        "success")
+
+
+def stored_pixel_seconds() -> dict:
+    """Wall seconds of the stored standard pixel-space runs, by activation (shallow only)."""
+    path = ROOT / "results" / "mnist" / "summary.csv"
+    if not path.exists():
+        return {}
+    with open(path, newline="") as f:
+        return {r["activation"]: float(r["wall_seconds"]) for r in csv.DictReader(f)
+                if r["profile"] == "standard" and "-" not in r["teacher_widths"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--activations", default=",".join(mnist.SHALLOW_ACTIVATIONS))
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    wanted = args.activations.split(",")
+    pixels = stored_pixel_seconds()
+    rows, total = [], 0.0
+    for config in mnist.configs("standard", {"input_subspace": True}):
+        if len(config["widths"]) != 1 or config["activation"] not in wanted:
+            continue
+        start = time.perf_counter()
+        metrics, _ = mnist.recover_mnist_teacher(config)
+        seconds = time.perf_counter() - start
+        total += seconds
+        rows.append({"activation": config["activation"], "config": config, "wall_seconds": seconds,
+                     "stored_pixel_space_seconds": pixels.get(config["activation"]),
+                     **{k: metrics.get(k) for k in KEYS}})
+        r = rows[-1]
+        print(f"{r['activation']:9s} widths {r['widths']} (clusters {r['clustered_widths']}), "
+              f"max cos dist {max(r['max_cosine_distance'] or [float('nan')]):.1e} on "
+              f"{r['compared_pixels']} pixels, argmax agreement {r['argmax_agreement']}, subspace "
+              f"{r['subspace_dimension']} dims ({r['probe_queries']} probes), {seconds:.0f} s "
+              f"(stored pixel-space run: {_seconds(r['stored_pixel_space_seconds'])})", flush=True)
+    print(f"total {total:.0f} s for {len(rows)} teachers")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=ROOT).stdout.strip()
+    write_record("mnist_subspace", dict(date=datetime.datetime.now().isoformat(timespec="seconds"),
+                                        commit=commit, machine=platform.platform(),
+                                        torch=torch.__version__, threads=args.threads,
+                                        total_seconds=total, rows=rows))
+
+
+def _seconds(value) -> str:
+    return "-" if value is None else f"{value:.0f} s"
+
+
+if __name__ == "__main__":
+    main()
