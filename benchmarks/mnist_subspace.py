@@ -7,7 +7,7 @@ along every pixel at a few images, and the students (16-64-10) take the queries'
 the span of the Jacobians' rows. Records per teacher the recovered widths, the cosine distances
 on every pixel (no mask), argmax agreement on the held-out images, the subspace dimension, the
 probe queries, the phases' seconds and the wall time; the wall time of the stored pixel-space run
-of the same teacher (``results/mnist/summary.csv``, another day: this machine's speed varies
+of the same teacher (under ``results/mnist``, another day: this machine's speed varies
 between runs) is printed beside it, without a ratio::
 
     EANDC_DATA=../shared/data/mnist python benchmarks/mnist_subspace.py [--activations tanh,relu]
@@ -18,7 +18,6 @@ Prints a table and writes ``benchmarks/results/mnist_subspace-<date>-<time>.json
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import platform
 import subprocess
@@ -29,6 +28,7 @@ import torch
 from record import write_record
 
 from eandc import mnist
+from eandc.sweep import stored_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = ("widths", "clustered_widths", "median_cosine_distance", "max_cosine_distance",
@@ -38,13 +38,12 @@ KEYS = ("widths", "clustered_widths", "median_cosine_distance", "max_cosine_dist
 
 
 def stored_pixel_seconds() -> dict:
-    """Wall seconds of the stored standard pixel-space runs, by activation (shallow only)."""
-    path = ROOT / "results" / "mnist" / "summary.csv"
-    if not path.exists():
-        return {}
-    with open(path, newline="") as f:
-        return {r["activation"]: float(r["wall_seconds"]) for r in csv.DictReader(f)
-                if r["profile"] == "standard" and "-" not in r["teacher_widths"]}
+    """Wall seconds of the stored pixel-space runs of the standard shallow teachers (the
+    profile's configurations with ``input_subspace`` off), by activation."""
+    shallow = mnist.select_teachers(mnist.configs("standard", {"input_subspace": False}), "shallow")
+    return {r["config"]["activation"]: r["wall_seconds"]
+            for r in stored_rows(shallow, mnist.TASK, kind=mnist.KIND, root=ROOT / "results")
+            if r["status"] == "cached"}
 
 
 def main() -> None:
@@ -56,8 +55,8 @@ def main() -> None:
     wanted = args.activations.split(",")
     pixels = stored_pixel_seconds()
     rows, total = [], 0.0
-    for config in mnist.configs("standard", {"input_subspace": True}):
-        if len(config["widths"]) != 1 or config["activation"] not in wanted:
+    for config in mnist.select_teachers(mnist.configs("standard", {"input_subspace": True}), "shallow"):
+        if config["activation"] not in wanted:
             continue
         start = time.perf_counter()
         metrics, _ = mnist.recover_mnist_teacher(config)

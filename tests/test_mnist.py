@@ -26,10 +26,24 @@ def test_profiles_hold_the_issue_teachers():
             mnist.normalize(c)
     with pytest.raises(ValueError, match="unknown profile"):
         mnist.configs("huge")
+    in_subspace = {c["activation"] for c in standard if c.get("input_subspace")}
+    assert in_subspace == {"g", "tanh", "sigmoid", "relu"}  # softplus stays in pixel space
     assert mnist.configs("standard", {"seed": 0}) == standard  # the default seed: same runs
     assert {c["seed"] for c in mnist.configs("standard", {"seed": 3})} == {3}
     with pytest.raises(ValueError, match="unknown configuration key"):
         mnist.configs("smoke", {"sed": 3})
+
+
+def test_teachers_are_selected_by_depth():
+    standard = mnist.configs("standard")
+    assert [c["widths"] for c in mnist.select_teachers(standard, "deep")] == [[30, 30, 30]]
+    shallow = mnist.select_teachers(standard, "shallow")
+    assert [c["activation"] for c in shallow] == list(mnist.SHALLOW_ACTIVATIONS)
+    assert mnist.select_teachers(standard) == standard
+    with pytest.raises(ValueError, match="unknown teacher selection"):
+        mnist.select_teachers(standard, "wide")
+    with pytest.raises(SystemExit):  # the command line refuses it before any work
+        mnist.main(["--teachers", "wide"])
 
 
 def test_later_keys_stay_out_of_a_configuration_at_their_default():
