@@ -15,7 +15,9 @@ between runs) is printed beside it, without a ratio::
 
 ``--polish N`` then takes N Levenberg-Marquardt iterations of the lifted network on all 784
 pixels and reports the held-out RMSE after them (the subspace's finite-difference error is in
-the lifted weights; the iterations remove it where the queries vary). ``--overrides`` sets
+the lifted weights; the iterations remove it where the queries vary). The profile's
+configurations already take ``input_polish_iter`` such iterations inside the recovery; to see the
+RMSE before and after them, ``--overrides '{"input_polish_iter": 0}' --polish 5``. ``--overrides`` sets
 configuration keys of every teacher (its training options included:
 ``'{"train_options": {"finisher": "matfree", "max_iter": 60}}'`` replaces them whole).
 
@@ -52,7 +54,8 @@ KEYS = ("widths", "clustered_widths", "median_cosine_distance", "max_cosine_dist
 def stored_pixel_seconds() -> dict:
     """Wall seconds of the stored pixel-space runs of the standard shallow teachers (the
     profile's configurations with ``input_subspace`` off), by activation."""
-    shallow = mnist.select_teachers(mnist.configs("standard", {"input_subspace": False}), "shallow")
+    pixels = {"input_subspace": False, "input_polish_iter": 0}
+    shallow = mnist.select_teachers(mnist.configs("standard", pixels), "shallow")
     return {r["config"]["activation"]: r["wall_seconds"]
             for r in stored_rows(shallow, mnist.TASK, kind=mnist.KIND, root=ROOT / "results")
             if r["status"] == "cached"}

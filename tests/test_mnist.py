@@ -28,6 +28,8 @@ def test_profiles_hold_the_issue_teachers():
         mnist.configs("huge")
     in_subspace = {c["activation"] for c in standard if c.get("input_subspace")}
     assert in_subspace == {"g", "tanh", "sigmoid", "relu"}  # softplus stays in pixel space
+    assert all(c.get("input_polish_iter") == mnist.SUBSPACE_POLISH for c in standard
+               if c.get("input_subspace"))
     assert mnist.configs("standard", {"seed": 0}) == standard  # the default seed: same runs
     assert {c["seed"] for c in mnist.configs("standard", {"seed": 3})} == {3}
     with pytest.raises(ValueError, match="unknown configuration key"):
@@ -61,6 +63,10 @@ def test_later_keys_stay_out_of_a_configuration_at_their_default():
 def test_bad_configurations_are_named():
     with pytest.raises(ValueError, match="unknown configuration key"):
         mnist.normalize({"width": 3})
+    with pytest.raises(ValueError, match="applies to a recovery in the input subspace"):
+        mnist.normalize({"input_polish_iter": 3})
+    with pytest.raises(ValueError, match="non-negative integer"):
+        mnist.normalize({"input_polish_iter": -1, "input_subspace": True})
     with pytest.raises(ValueError, match="unknown query set"):
         mnist.normalize({"queries": {"images": True, "blur": 10}})
     with pytest.raises(ValueError, match="no queries"):

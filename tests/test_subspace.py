@@ -121,6 +121,24 @@ def test_a_teacher_is_recovered_exactly_in_subspace_coordinates():
     assert comparison.relative_rmse <= 1e-9, comparison.summary()
 
 
+def test_a_polish_on_the_inputs_removes_the_finite_difference_error():
+    """A ReLU teacher probed with the kinked step: the lifted network carries the basis's
+    rounding error; a few iterations on the inputs themselves remove it."""
+    teacher = eandc.random_teacher(30, [3], activation="relu", seed=1)
+    X = eandc.gaussian_inputs(2_000, 30, seed=2)
+    held_out = eandc.gaussian_inputs(1_000, 30, seed=3)
+    runs = {}
+    for polish in (0, 5):
+        result, _ = expand_and_cluster_in_subspace(teacher, X, "relu", student_widths=[12],
+                                                   n_students=4, progress=False, seed=1,
+                                                   input_polish_iter=polish)
+        assert result.widths == [3], result.summary()
+        runs[polish] = (result, eandc.compare(teacher, result.network, held_out).relative_rmse)
+    assert "polish" in runs[5][0].timings and "polish" not in runs[0][0].timings
+    assert runs[5][1] <= 1e-14 < runs[0][1], (runs[0][1], runs[5][1])
+    assert runs[5][0].final_loss <= 1e-28
+
+
 def test_subspace_recovery_refuses_what_does_not_apply():
     teacher = eandc.random_teacher(4, [2], activation="tanh", seed=0)
     X = eandc.gaussian_inputs(100, 4, seed=0)
@@ -128,3 +146,6 @@ def test_subspace_recovery_refuses_what_does_not_apply():
         expand_and_cluster_in_subspace(teacher(X), X, "tanh")
     with pytest.raises(ValueError, match="feature_mask"):
         expand_and_cluster_in_subspace(teacher, X, "tanh", feature_mask=np.ones(4, bool))
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="input_polish_iter"):
+            expand_and_cluster_in_subspace(teacher, X, "tanh", input_polish_iter=bad)
