@@ -16,9 +16,9 @@ between runs) is printed beside it, without a ratio::
 ``--polish N`` then takes N Levenberg-Marquardt iterations of the lifted network on all 784
 pixels and reports the held-out RMSE after them (the subspace's finite-difference error is in
 the lifted weights; the iterations remove it where the queries vary). The profile's
-configurations already take ``input_polish_iter`` such iterations inside the recovery; to see the
-RMSE before and after them, ``--overrides '{"input_polish_iter": 0}' --polish 5``. ``--overrides`` sets
-configuration keys of every teacher (its training options included:
+configurations already take ``input_polish_iter`` such iterations inside the recovery; to see
+the RMSE before and after them, ``--overrides '{"input_polish_iter": 0}' --polish 5``.
+``--overrides`` sets configuration keys of every teacher (its training options included:
 ``'{"train_options": {"finisher": "matfree", "max_iter": 60}}'`` replaces them whole).
 
 Prints a table and writes ``benchmarks/results/mnist_subspace-<date>-<time>.json``.

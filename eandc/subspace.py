@@ -191,8 +191,9 @@ def expand_and_cluster_in_subspace(teacher, X, activation, n_hidden_layers=1, *,
     ``teacher`` must be callable (it is probed by finite differences, then queried at the
     projections ``x U U^T`` of ``X``, where its outputs are its outputs at ``x``). ``subspace``:
     one computed before (default: :func:`input_subspace` of ``teacher`` on ``X``, with
-    :func:`probe_step` of the activation). ``input_polish_iter``: Levenberg-Marquardt iterations of
-    the lifted network on ``X`` itself, in the original inputs (:func:`eandc.reconstruction.finetune`), which
+    :func:`probe_step` of the activation). ``input_polish_iter``: Levenberg-Marquardt
+    iterations of the lifted network on ``X`` itself, in the original inputs
+    (:func:`eandc.reconstruction.finetune`; the teacher is queried at ``X`` for them), which
     remove the basis's finite-difference error (about 1e-12 with the smooth step, 1e-10 with the
     kinked one) from the weights along the directions in which ``X`` varies; ``final_loss`` is
     then the polished network's relative loss on ``X`` and ``timings["polish"]`` its seconds.
