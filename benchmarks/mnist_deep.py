@@ -17,7 +17,9 @@ measures the first steps of that expansion, on the 4 students the profile trains
 With ``--subspace`` the students take the 30 coordinates of the queries in the teacher's input
 subspace (``eandc.subspace``, found by finite differences of the teacher) instead of the 784
 pixels: students 30-90-90-90-10, queried at the projections of the queries; their first layers,
-lifted to the pixels, are compared with the teacher's on every pixel.
+lifted to the pixels, are compared with the teacher's on every pixel. With ``--whiten`` as well,
+they take the whitened coordinates (``InputSubspace.whitened``: centred, unit variance along the
+queries' principal axes).
 
 ::
 
@@ -85,7 +87,11 @@ def main() -> None:
     parser.add_argument("--subspace", action="store_true",
                         help="train the students on the queries' coordinates in the teacher's "
                              "input subspace (eandc.subspace)")
+    parser.add_argument("--whiten", action="store_true",
+                        help="with --subspace: whitened coordinates (InputSubspace.whitened)")
     args = parser.parse_args()
+    if args.whiten and not args.subspace:
+        parser.error("--whiten applies with --subspace")
     if args.threads:
         torch.set_num_threads(args.threads)
     config = mnist.configs("standard")[-1]
@@ -99,9 +105,12 @@ def main() -> None:
     if args.subspace:
         t0 = time.perf_counter()
         subspace = input_subspace(teacher, X)
+        if args.whiten:
+            subspace = subspace.whitened(X)
         X = subspace.project(X_pixels)
         record["subspace"] = {"dimension": subspace.dimension, "probe_queries": subspace.n_queries,
-                              "points": subspace.n_points, "seconds": time.perf_counter() - t0}
+                              "points": subspace.n_points, "whitened": args.whiten,
+                              "seconds": time.perf_counter() - t0}
         mask = None  # lifted students have every pixel's weight
     y = teacher(X_pixels if subspace is None else subspace.embed(X))
     act = get_activation(config["activation"])
@@ -160,7 +169,8 @@ def main() -> None:
     record["levenberg_marquardt"] = trace
     record.update(date=datetime.datetime.now().isoformat(timespec="seconds"), machine=machine(),
                   threads=torch.get_num_threads())
-    write_record("mnist_deep-subspace" if subspace else "mnist_deep", record)
+    name = "mnist_deep" + ("-subspace" if subspace else "") + ("-whitened" if args.whiten else "")
+    write_record(name, record)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ KEYS = ("widths", "clustered_widths", "median_cosine_distance", "max_cosine_dist
 def stored_pixel_seconds() -> dict:
     """Wall seconds of the stored pixel-space runs of the standard shallow teachers (the
     profile's configurations with ``input_subspace`` off), by activation."""
-    pixels = {"input_subspace": False, "input_polish_iter": 0}
+    pixels = {"input_subspace": False, "input_polish_iter": 0, "input_whitening": False}
     shallow = mnist.select_teachers(mnist.configs("standard", pixels), "shallow")
     return {r["config"]["activation"]: r["wall_seconds"]
             for r in stored_rows(shallow, mnist.TASK, kind=mnist.KIND, root=ROOT / "results")

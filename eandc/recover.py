@@ -239,8 +239,9 @@ def _reconstruct(students, clustering, losses, X, y, act, progress):
 def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_widths=None,
                        n_students=10, gamma=0.5, beta=math.pi / 6, seed=0, device=None,
                        progress=True, prune_network=True, feature_mask=None,
-                       consensus_rounds=3, train_options=None, retry_with=None,
-                       init_scale=None, checkpoint=None) -> ExpandAndClusterResult:
+                       consensus_rounds=3, train_options=None, retrain_options=None,
+                       retry_with=None, init_scale=None,
+                       checkpoint=None) -> ExpandAndClusterResult:
     """Recover a black-box MLP's layer widths and weights from queries (see the module doc).
 
     ``query``: the teacher, any callable (an :class:`~eandc.MLP`, a ``torch.nn.Module``, a
@@ -253,7 +254,10 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
     times at most to share the clustered neurons of a layer with every student, retrain (each
     time on another subset of the queries), and cluster again, keeping a round that finds more
     clusters (0: the paper's single pass). A layer below the last skips them when, once shared,
-    it lets at least ``ceil(gamma N)`` students reach ~zero loss.
+    it lets at least ``ceil(gamma N)`` students reach ~zero loss. ``retrain_options``: updates
+    of ``train_options`` for the students' retraining between layers and in consensus rounds
+    (default: none but ``adam_steps`` 0, second-order training only; deep students far from
+    zero loss may take first-order steps there too).
     ``retry_with``: a list of ``train_options`` updates (for example ``[{"max_iter": 400}]``).
     When the recovered network is not exact (relative loss on the queries above ``EXACT_LOSS``,
     a test that needs no teacher), the recovery is done again from the same initial students
@@ -273,6 +277,8 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
         return _with_retries(dict(locals()))
     act, student_widths = _check_parameters(activation, n_hidden_layers, n_students, gamma, beta,
                                             student_widths)
+    if retrain_options is not None and not isinstance(retrain_options, dict):
+        raise TypeError(f"retrain_options is a dict of train_options updates, got {retrain_options!r}")
     X = check_inputs(X)
     y = _targets(query, X)
     if float(y.var(dim=0).max()) == 0.0:
@@ -334,7 +340,7 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
             timings["completion"] = timings.get("completion", 0.0) + time.perf_counter() - t0
         completion = (reconstructed, (network, loss, notes, source))
         return completion[1]
-    retrain = dict(options, adam_steps=0)
+    retrain = {**options, "adam_steps": 0, **(retrain_options or {})}
     for layer in range(n_hidden_layers):
         mask = feature_mask if layer == 0 else None
         last = layer == n_hidden_layers - 1

@@ -21,6 +21,17 @@ so the clustering's ``beta`` means what it meant). Two things follow on MNIST:
 * the students have ``(d - k)`` fewer inputs per first-layer neuron to bring to exactly zero
   weight (784 -> 30 for the deep teacher).
 
+Whitened coordinates (``whiten``, our addition): the students may take ``z_w = (x U - m) W``
+instead, with ``m`` the queries' mean coordinates and ``W`` the whitening of their covariance
+(principal axes scaled to unit variance). A network of ``z_w`` is an affine function of ``x``
+in its first layer, lifted as easily. On MNIST the image coordinates are far from centred and
+their spreads differ by orders of magnitude; whitened, the students' random first-layer neurons
+start across their activation's bend and the Levenberg-Marquardt systems are far better
+conditioned (MNIST's standard tanh teacher: 18 s instead of 43 s, the students at 1e-31
+instead of 1e-12; ReLU 210 s instead of 333 s; g and sigmoid about the same).
+Angles between incoming vectors, and so the clustering's ``beta``, are then those of the
+whitened coordinates; the recovered network is compared with the teacher on the inputs.
+
 The cost is ``4 d`` queries per point probed (the fourth-order stencil), on top of the
 training queries. A black box with kinks (ReLU) is probed with a small step, so that the
 stencil rarely straddles one; probes that do (the two- and four-point stencils disagree), and
@@ -57,48 +68,94 @@ KINKED_STEP = 1e-6
 # The largest disagreement allowed between the two- and four-point stencils, relative to the
 # largest derivative.
 SMOOTHNESS_TOL = 1e-3
+# Whitening needs the queries to vary along every direction of the subspace: the smallest
+# variance must be above this share of the largest.
+MIN_VARIANCE_RATIO = 1e-12
 
 
 @dataclass(frozen=True)
 class InputSubspace:
     """An orthonormal basis (``basis``, ``d x k``) of the span of a black box's first-layer
-    weight vectors, the singular values it was cut from, and the queries it took."""
+    weight vectors, the singular values it was cut from, and the queries it took. With
+    ``center`` (``(k,)``) and ``whitening`` (``k x k``, :meth:`whitened`) the coordinates are
+    ``(x U - center) whitening`` instead of ``x U``."""
 
     basis: np.ndarray
     singular_values: np.ndarray
     n_points: int
     n_queries: int
+    center: np.ndarray | None = None
+    whitening: np.ndarray | None = None
 
     @property
     def dimension(self) -> int:
         return self.basis.shape[1]
 
+    def _tensor(self, array, device) -> torch.Tensor:
+        return torch.as_tensor(array, dtype=torch.float64, device=device)
+
     def project(self, X) -> torch.Tensor:
-        """The coordinates ``z = x U`` of the inputs ``X`` (``(n, d)``) in the subspace."""
+        """The coordinates of the inputs ``X`` (``(n, d)``): ``z = x U``, whitened where the
+        subspace is."""
         X = check_inputs(X)
         if X.shape[1] != self.basis.shape[0]:
             raise ValueError(f"inputs have {X.shape[1]} features, the subspace lives in "
                              f"{self.basis.shape[0]}")
-        return X @ torch.as_tensor(self.basis, dtype=torch.float64, device=X.device)
+        Z = X @ self._tensor(self.basis, X.device)
+        if self.whitening is None:
+            return Z
+        return (Z - self._tensor(self.center, X.device)) @ self._tensor(self.whitening, X.device)
 
     def embed(self, Z) -> torch.Tensor:
-        """The inputs ``x = z U^T`` of subspace coordinates ``Z`` (``(n, k)``)."""
+        """The inputs in the subspace whose coordinates are ``Z`` (``(n, k)``): ``x = z U^T``
+        (``z`` un-whitened first where the subspace is whitened)."""
         Z = check_inputs(Z, name="subspace coordinates")
         if Z.shape[1] != self.dimension:
             raise ValueError(f"coordinates have {Z.shape[1]} columns, the subspace {self.dimension}")
-        return Z @ torch.as_tensor(self.basis.T, dtype=torch.float64, device=Z.device)
+        if self.whitening is not None:
+            Z = (Z @ self._tensor(np.linalg.inv(self.whitening), Z.device)
+                 + self._tensor(self.center, Z.device))
+        return Z @ self._tensor(self.basis.T, Z.device)
 
     def lift(self, network: MLP) -> MLP:
-        """``network`` (taking subspace coordinates) as a network of the original inputs: its
-        first-layer weights (and linear term) ``A`` become ``A U^T``; the same function of
-        ``x`` as ``network`` is of ``x U``."""
+        """``network`` (taking subspace coordinates) as a network of the original inputs, the
+        same function of ``x`` as ``network`` is of :meth:`project` ``(x)``: its first-layer
+        weights (and linear term) ``A`` become ``A M^T`` with ``M = U`` (``U whitening`` where
+        whitened, the hidden and output biases then taking ``- A whitening^T center``)."""
         if network.d_in != self.dimension:
             raise ValueError(f"the network takes {network.d_in} inputs, the subspace has "
                              f"{self.dimension} dimensions")
-        U = torch.as_tensor(self.basis, dtype=torch.float64, device=network.device)
-        weights = [network.weights[0] @ U.T, *network.weights[1:]]
-        skip = None if network.skip is None else network.skip @ U.T
-        return MLP(weights, network.biases, network.activation.name, skip=skip, device=network.device)
+        device = network.device
+        M = self._tensor(self.basis, device)
+        offset = torch.zeros(self.dimension, dtype=torch.float64, device=device)
+        if self.whitening is not None:
+            W = self._tensor(self.whitening, device)
+            M, offset = M @ W, W.T @ self._tensor(self.center, device)
+        biases = list(network.biases)
+        biases[0] = biases[0] - network.weights[0] @ offset
+        skip = None
+        if network.skip is not None:
+            skip = network.skip @ M.T
+            biases[-1] = biases[-1] - network.skip @ offset
+        weights = [network.weights[0] @ M.T, *network.weights[1:]]
+        return MLP(weights, biases, network.activation.name, skip=skip, device=device)
+
+    def whitened(self, X) -> InputSubspace:
+        """The same subspace with whitened coordinates on the inputs ``X``: centred on their
+        mean coordinates, rotated to their principal axes and scaled to unit variance along
+        each (module doc). The inputs must vary along every direction of the subspace."""
+        Z = InputSubspace(self.basis, self.singular_values, self.n_points, self.n_queries).project(X)
+        if Z.shape[0] < 2:
+            raise ValueError("whitening needs at least two inputs")
+        center = Z.mean(0)
+        variances, axes = torch.linalg.eigh(torch.cov((Z - center).T).reshape(self.dimension, -1))
+        if not variances[0] > MIN_VARIANCE_RATIO * variances[-1]:
+            raise ValueError(
+                f"the inputs hardly vary along a direction of the subspace (variances "
+                f"{float(variances[0]):.3g} to {float(variances[-1]):.3g}): whitening would "
+                "blow it up; use more varied inputs, or no whitening")
+        whitening = axes / variances.sqrt()
+        return replace(self, center=center.cpu().numpy(), whitening=whitening.cpu().numpy())
 
 
 def jacobian_rows(teacher, points: torch.Tensor, step: float) -> torch.Tensor:
@@ -185,13 +242,15 @@ def probe_step(activation) -> float:
 
 def expand_and_cluster_in_subspace(teacher, X, activation, n_hidden_layers=1, *,
                                    subspace: InputSubspace | None = None, seed: int = 0,
-                                   input_polish_iter: int = 0, **options):
+                                   whiten: bool = False, input_polish_iter: int = 0, **options):
     """:func:`eandc.expand_and_cluster` on the subspace coordinates of the queries.
 
     ``teacher`` must be callable (it is probed by finite differences, then queried at the
     projections ``x U U^T`` of ``X``, where its outputs are its outputs at ``x``). ``subspace``:
     one computed before (default: :func:`input_subspace` of ``teacher`` on ``X``, with
-    :func:`probe_step` of the activation). ``input_polish_iter``: Levenberg-Marquardt
+    :func:`probe_step` of the activation). ``whiten``: the students take the whitened
+    coordinates of ``X`` (:meth:`InputSubspace.whitened`; the module doc says why; a
+    ``subspace`` given whitened already is kept as it is). ``input_polish_iter``: Levenberg-Marquardt
     iterations of the lifted network on ``X`` itself, in the original inputs
     (:func:`eandc.reconstruction.finetune`; the teacher is queried at ``X`` for them), which
     remove the basis's finite-difference error (about 1e-12 with the smooth step, 1e-10 with the
@@ -207,15 +266,19 @@ def expand_and_cluster_in_subspace(teacher, X, activation, n_hidden_layers=1, *,
     iterations = input_polish_iter
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
         raise ValueError(f"input_polish_iter must be a non-negative integer, got {iterations!r}")
+    if not isinstance(whiten, bool):
+        raise TypeError(f"whiten must be True or False, got {whiten!r}")
     if options.get("feature_mask") is not None:
         raise ValueError("a feature_mask does not apply in subspace coordinates: every input's "
                          "weight is determined by the finite differences")
     X = check_inputs(X)
     if subspace is None:
         subspace = input_subspace(teacher, X, step=probe_step(activation), seed=seed)
+    if whiten and subspace.whitening is None:
+        subspace = subspace.whitened(X)
     Z = subspace.project(X)
-    log.info("input subspace: %d of %d dimensions (%d probe queries)", subspace.dimension,
-             X.shape[1], subspace.n_queries)
+    log.info("input subspace: %d of %d dimensions (%d probe queries)%s", subspace.dimension,
+             X.shape[1], subspace.n_queries, ", whitened" if subspace.whitening is not None else "")
 
     def in_subspace(Zq):
         return query(teacher, subspace.embed(Zq))

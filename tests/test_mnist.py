@@ -26,10 +26,11 @@ def test_profiles_hold_the_issue_teachers():
             mnist.normalize(c)
     with pytest.raises(ValueError, match="unknown profile"):
         mnist.configs("huge")
-    in_subspace = {c["activation"] for c in standard if c.get("input_subspace")}
-    assert in_subspace == {"g", "tanh", "sigmoid", "relu"}  # softplus stays in pixel space
-    assert all(c.get("input_polish_iter") == mnist.SUBSPACE_POLISH for c in standard
-               if c.get("input_subspace"))
+    in_subspace = [c for c in standard if c.get("input_subspace")]
+    assert {c["activation"] for c in in_subspace if len(c["widths"]) == 1} == \
+        {"g", "tanh", "sigmoid", "relu"}  # softplus stays in pixel space
+    assert all(c.get("input_whitening") and c.get("input_polish_iter") == mnist.SUBSPACE_POLISH
+               for c in in_subspace)
     assert mnist.configs("standard", {"seed": 0}) == standard  # the default seed: same runs
     assert {c["seed"] for c in mnist.configs("standard", {"seed": 3})} == {3}
     with pytest.raises(ValueError, match="unknown configuration key"):
@@ -67,6 +68,10 @@ def test_bad_configurations_are_named():
         mnist.normalize({"input_polish_iter": 3})
     with pytest.raises(ValueError, match="non-negative integer"):
         mnist.normalize({"input_polish_iter": -1, "input_subspace": True})
+    with pytest.raises(ValueError, match="input_whitening applies to a recovery in the input"):
+        mnist.normalize({"input_whitening": True})
+    with pytest.raises(ValueError, match="true or false"):
+        mnist.normalize({"input_whitening": 1, "input_subspace": True})
     with pytest.raises(ValueError, match="unknown query set"):
         mnist.normalize({"queries": {"images": True, "blur": 10}})
     with pytest.raises(ValueError, match="no queries"):

@@ -182,3 +182,35 @@ def test_a_recovery_that_is_not_exact_is_retried_with_a_larger_budget():
     assert "other attempts" not in result.timings
     with pytest.raises(TypeError, match="retry_with"):
         eandc.expand_and_cluster(teacher, X, "g", retry_with={"max_iter": 400}, **kwargs)
+
+
+def test_retraining_between_layers_takes_the_retrain_options(monkeypatch):
+    """``retrain_options`` update ``train_options`` for the retraining of deeper layers (by
+    default second-order only: ``adam_steps`` 0); a bad value is refused before any training."""
+    from eandc import recover as recover_module
+    calls = []
+    original = recover_module.train_students
+
+    def recording(students, X, y, **options):
+        calls.append(options)
+        return original(students, X, y, **options)
+
+    monkeypatch.setattr(recover_module, "train_students", recording)
+    teacher = eandc.random_teacher(2, [2, 2], activation="g", seed=SEED)
+    X = eandc.gaussian_inputs(500, 2, seed=SEED + 1)
+    train = {"adam_steps": 20, "max_iter": 3, "polish_iter": 2}
+    for retrain, adam_steps in ((None, 0), ({"adam_steps": 7, "adam_batch": 100}, 7)):
+        calls.clear()
+        try:
+            eandc.expand_and_cluster(teacher, X, "g", 2, student_widths=[6, 6], n_students=4,
+                                     consensus_rounds=0, train_options=train,
+                                     retrain_options=retrain, progress=False)
+        except recover_module.NoClusterError:
+            pass  # whether this tiny budget recovers the teacher does not matter here
+        deeper = [c for c in calls if c.get("fixed_layers", 0) >= 1]
+        assert calls[0]["adam_steps"] == 20 and deeper, calls
+        assert all(c["adam_steps"] == adam_steps and c["max_iter"] == 3 for c in deeper), deeper
+    calls.clear()
+    with pytest.raises(TypeError, match="retrain_options"):
+        eandc.expand_and_cluster(teacher, X, "g", 2, retrain_options=[("adam_steps", 7)])
+    assert not calls

@@ -93,11 +93,15 @@ def test_bad_arguments_are_named(bad, match):
 
 
 @pytest.mark.parametrize("skip", [False, True])
-def test_a_lifted_network_computes_the_same_function_of_the_inputs(skip):
+@pytest.mark.parametrize("whiten", [False, True])
+def test_a_lifted_network_computes_the_same_function_of_the_inputs(skip, whiten):
     basis, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(9, 3)))
     subspace = InputSubspace(basis, np.ones(3), n_points=1, n_queries=1)
     net = random_mlp([3, 5, 2], "softplus", seed=1, skip=skip)
     X = torch.as_tensor(eandc.gaussian_inputs(100, 9, seed=2))
+    if whiten:  # queries far from centred, with very different spreads
+        X = 3.0 + X * torch.linspace(0.01, 10.0, 9, dtype=torch.float64)
+        subspace = subspace.whitened(X)
     lifted = subspace.lift(net)
     assert lifted.d_in == 9 and (lifted.skip is not None) == skip
     torch.testing.assert_close(lifted(X), net(subspace.project(X)), rtol=1e-12, atol=1e-12)
@@ -109,6 +113,22 @@ def test_a_lifted_network_computes_the_same_function_of_the_inputs(skip):
         subspace.project(np.zeros((2, 8)))
 
 
+def test_whitened_coordinates_are_centred_with_unit_covariance():
+    basis, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(9, 3)))
+    plain = InputSubspace(basis, np.ones(3), n_points=1, n_queries=1)
+    X = 5.0 + torch.as_tensor(eandc.gaussian_inputs(500, 9, seed=2)) @ torch.diag(
+        torch.logspace(-3, 1, 9, dtype=torch.float64))
+    Z = plain.whitened(X).project(X)
+    torch.testing.assert_close(Z.mean(0), torch.zeros(3, dtype=torch.float64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(torch.cov(Z.T), torch.eye(3, dtype=torch.float64), atol=1e-10, rtol=0)
+    on_a_line = torch.outer(torch.linspace(0, 1, 50, dtype=torch.float64),
+                            torch.ones(9, dtype=torch.float64))
+    with pytest.raises(ValueError, match="hardly vary"):
+        plain.whitened(on_a_line)
+    with pytest.raises(ValueError, match="two inputs"):
+        plain.whitened(X[:1])
+
+
 def test_a_teacher_is_recovered_exactly_in_subspace_coordinates():
     teacher = eandc.random_teacher(20, [3], activation="tanh", seed=1)
     X = eandc.gaussian_inputs(2_000, 20, seed=2)
@@ -116,6 +136,24 @@ def test_a_teacher_is_recovered_exactly_in_subspace_coordinates():
                                                    n_students=4, progress=False, seed=1)
     assert found.dimension == 3 and result.students.layout.d_in == 3
     comparison = eandc.compare(teacher, result.network, eandc.gaussian_inputs(1_000, 20, seed=3))
+    assert result.widths == [3], result.summary()
+    assert comparison.max_distance <= 1e-12, comparison.summary()
+    assert comparison.relative_rmse <= 1e-9, comparison.summary()
+
+
+def test_a_teacher_is_recovered_exactly_in_whitened_coordinates():
+    """Queries far from centred, with spreads from 0.01 to 10: the students take whitened
+    coordinates; the network, lifted, is the teacher on the inputs themselves."""
+    teacher = eandc.random_teacher(20, [3], activation="softplus", seed=1)
+    X = 2.0 + eandc.gaussian_inputs(2_000, 20, seed=2) * np.logspace(-2, 1, 20)
+    result, found = expand_and_cluster_in_subspace(teacher, X, "softplus", student_widths=[12],
+                                                   n_students=4, progress=False, seed=1,
+                                                   whiten=True)
+    Z = found.project(X)
+    assert found.whitening is not None
+    torch.testing.assert_close(torch.cov(Z.T), torch.eye(3, dtype=torch.float64), atol=1e-9, rtol=0)
+    held_out = 2.0 + eandc.gaussian_inputs(1_000, 20, seed=3) * np.logspace(-2, 1, 20)
+    comparison = eandc.compare(teacher, result.network, held_out)
     assert result.widths == [3], result.summary()
     assert comparison.max_distance <= 1e-12, comparison.summary()
     assert comparison.relative_rmse <= 1e-9, comparison.summary()
@@ -149,3 +187,5 @@ def test_subspace_recovery_refuses_what_does_not_apply():
     for bad in (-1, 2.5, True):
         with pytest.raises(ValueError, match="input_polish_iter"):
             expand_and_cluster_in_subspace(teacher, X, "tanh", input_polish_iter=bad)
+    with pytest.raises(TypeError, match="whiten"):
+        expand_and_cluster_in_subspace(teacher, X, "tanh", whiten="yes")
