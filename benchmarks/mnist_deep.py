@@ -12,7 +12,14 @@ measures the first steps of that expansion, on the 4 students the profile trains
    the best cosine similarity of ``[w; b]`` (varying pixels only) among each student's neurons,
    and the number of first-layer clusters ``eandc.clustering.cluster_layer`` keeps;
 4. ``--lm-iterations`` matrix-free Levenberg-Marquardt iterations from the minibatch students
-   (float32 products, as the profile trains), their relative losses and seconds.
+   (float32 products, as the profile trains), their relative losses and seconds;
+5. with ``--second-layer-epochs N``: the first layer clustered (gamma 0.75, beta 10 degrees:
+   ``SHARED_FIRST_LAYER``) and written into every student (``write_shared_layer``), the students
+   retrained by minibatch Adam for N epochs with that layer fixed, as the layer-by-layer
+   recovery retrains them, and their second layers clustered.
+
+The clusters of a layer are counted on a grid of (gamma, beta) (``GRID``): with 4 students,
+gamma 0.5 keeps a cluster of 2 students, 0.75 of 3.
 
 With ``--subspace`` the students take the 30 coordinates of the queries in the teacher's input
 subspace (``eandc.subspace``, found by finite differences of the teacher) instead of the 784
@@ -48,10 +55,21 @@ from eandc.data import mnist as load_mnist
 from eandc.data import varying_pixels
 from eandc.matfree import matfree_levenberg_marquardt
 from eandc.mlp import Layout, StudentBatch
+from eandc.reconstruction import write_shared_layer
 from eandc.recover import DEEP_INIT_SCALE
 from eandc.runs import machine
 from eandc.subspace import input_subspace
 from eandc.training import adam_phase, init_students, student_losses
+
+GRID = [(0.5, 10), (0.5, 30), (0.75, 10), (0.75, 30), (1.0, 10), (1.0, 30)]  # gamma, beta (deg)
+SHARED_FIRST_LAYER = (0.75, 10)
+
+
+def clusters_on_grid(students, layer, losses, mask=None) -> dict:
+    """How many clusters of ``layer`` are kept at each (gamma, beta) of ``GRID``."""
+    return {f"gamma {g} beta {b} deg": cluster_layer(students, layer, g, math.radians(b),
+                                                     np.asarray(losses), mask).width
+            for g, b in GRID}
 
 
 def relative_losses(theta, layout, act, X, y) -> list[float]:
@@ -87,6 +105,9 @@ def main() -> None:
     parser.add_argument("--subspace", action="store_true",
                         help="train the students on the queries' coordinates in the teacher's "
                              "input subspace (eandc.subspace)")
+    parser.add_argument("--second-layer-epochs", type=int, default=0,
+                        help="retrain with the clustered first layer shared, then cluster the "
+                             "second (item 5 of the doc)")
     parser.add_argument("--whiten", action="store_true",
                         help="with --subspace: whitened coordinates (InputSubspace.whitened)")
     args = parser.parse_args()
@@ -150,9 +171,29 @@ def main() -> None:
     n = config["n_students"]
     clustering = cluster_layer(students, 0, config["gamma"], config["beta"], np.zeros(n), mask,
                                np.ones(n, bool))
+    losses = record["minibatch_adam"]["relative_losses"]
     record["first_layer"] = {"clusters_kept": clustering.width, **first_layer_alignment(
-        teacher, students, X_pixels[:1000], mask, subspace)}
+        teacher, students, X_pixels[:1000], mask, subspace),
+        "clusters_kept_grid": clusters_on_grid(students, 0, losses, mask)}
     print("first layer after minibatch Adam: " + json.dumps(record["first_layer"]), flush=True)
+    if args.second_layer_epochs:
+        gamma, beta = SHARED_FIRST_LAYER
+        first = cluster_layer(students, 0, gamma, math.radians(beta), np.asarray(losses), mask)
+        shared = write_shared_layer(students, first, np.asarray(losses))
+        t0 = time.perf_counter()
+        theta = adam_phase(shared.theta, shared.layout, act, X, y,
+                           args.second_layer_epochs * per_epoch, lr=1e-3, batch_size=args.batch,
+                           seed=config["seed"] + 1, fixed_layers=1)
+        second = StudentBatch(theta, shared.layout, act)
+        losses2 = relative_losses(theta, shared.layout, act, X, y)
+        angles = sorted(round(math.degrees(c.median_angle), 1)
+                        for c in cluster_layer(second, 1, 0.75, math.pi / 6, np.asarray(losses2)).kept)
+        record["second_layer"] = {
+            "shared_first_layer": {"gamma": gamma, "beta_degrees": beta, "width": first.width},
+            "epochs": args.second_layer_epochs, "seconds": time.perf_counter() - t0,
+            "relative_losses": losses2, "clusters_kept_grid": clusters_on_grid(second, 1, losses2),
+            "median_angles_degrees_gamma_0.75_beta_30": angles}
+        print("second layer after retraining: " + json.dumps(record["second_layer"]), flush=True)
 
     trace = []
 
