@@ -16,7 +16,9 @@ measures the first steps of that expansion, on the 4 students the profile trains
 5. with ``--second-layer-epochs N``: the first layer clustered (gamma 0.75, beta 10 degrees:
    ``SHARED_FIRST_LAYER``) and written into every student (``write_shared_layer``), the students
    retrained by minibatch Adam for N epochs with that layer fixed, as the layer-by-layer
-   recovery retrains them, and their second layers clustered.
+   recovery retrains them, and their second layers clustered; the students' losses just after
+   the sharing are recorded as written and with their second layers refitted by least squares
+   (``refit_next_layer``), and ``--refit`` retrains the refitted ones.
 
 The clusters of a layer are counted on a grid of (gamma, beta) (``GRID``): with 4 students,
 gamma 0.5 keeps a cluster of 2 students, 0.75 of 3.
@@ -55,7 +57,7 @@ from eandc.data import mnist as load_mnist
 from eandc.data import varying_pixels
 from eandc.matfree import matfree_levenberg_marquardt
 from eandc.mlp import Layout, StudentBatch
-from eandc.reconstruction import write_shared_layer
+from eandc.reconstruction import refit_next_layer, write_shared_layer
 from eandc.recover import DEEP_INIT_SCALE
 from eandc.runs import machine
 from eandc.subspace import input_subspace
@@ -108,6 +110,9 @@ def main() -> None:
     parser.add_argument("--second-layer-epochs", type=int, default=0,
                         help="retrain with the clustered first layer shared, then cluster the "
                              "second (item 5 of the doc)")
+    parser.add_argument("--refit", action="store_true",
+                        help="with --second-layer-epochs: refit the second layer by least squares "
+                             "after sharing the first (eandc.reconstruction.refit_next_layer)")
     parser.add_argument("--whiten", action="store_true",
                         help="with --subspace: whitened coordinates (InputSubspace.whitened)")
     args = parser.parse_args()
@@ -180,6 +185,11 @@ def main() -> None:
         gamma, beta = SHARED_FIRST_LAYER
         first = cluster_layer(students, 0, gamma, math.radians(beta), np.asarray(losses), mask)
         shared = write_shared_layer(students, first, np.asarray(losses))
+        refitted = refit_next_layer(shared, students, 0, X)
+        after_sharing = {"plain": relative_losses(shared.theta, shared.layout, act, X, y),
+                         "refitted": relative_losses(refitted.theta, shared.layout, act, X, y)}
+        if args.refit:
+            shared = refitted
         t0 = time.perf_counter()
         theta = adam_phase(shared.theta, shared.layout, act, X, y,
                            args.second_layer_epochs * per_epoch, lr=1e-3, batch_size=args.batch,
@@ -190,6 +200,7 @@ def main() -> None:
                         for c in cluster_layer(second, 1, 0.75, math.pi / 6, np.asarray(losses2)).kept)
         record["second_layer"] = {
             "shared_first_layer": {"gamma": gamma, "beta_degrees": beta, "width": first.width},
+            "relative_losses_after_sharing": after_sharing, "refitted": args.refit,
             "epochs": args.second_layer_epochs, "seconds": time.perf_counter() - t0,
             "relative_losses": losses2, "clusters_kept_grid": clusters_on_grid(second, 1, losses2),
             "median_angles_degrees_gamma_0.75_beta_30": angles}

@@ -77,6 +77,7 @@ from .reconstruction import (
     finetune,
     fit_linear_term,
     prune,
+    refit_next_layer,
     widen_last_layer,
     write_shared_layer,
 )
@@ -240,7 +241,7 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
                        n_students=10, gamma=0.5, beta=math.pi / 6, seed=0, device=None,
                        progress=True, prune_network=True, feature_mask=None,
                        consensus_rounds=3, train_options=None, retrain_options=None,
-                       retry_with=None, init_scale=None,
+                       refit_shared=False, retry_with=None, init_scale=None,
                        checkpoint=None) -> ExpandAndClusterResult:
     """Recover a black-box MLP's layer widths and weights from queries (see the module doc).
 
@@ -257,7 +258,10 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
     it lets at least ``ceil(gamma N)`` students reach ~zero loss. ``retrain_options``: updates
     of ``train_options`` for the students' retraining between layers and in consensus rounds
     (default: none but ``adam_steps`` 0, second-order training only; deep students far from
-    zero loss may take first-order steps there too).
+    zero loss may take first-order steps there too). ``refit_shared``: after a layer is
+    shared, refit each student's next layer by least squares to what it received before
+    (:func:`eandc.reconstruction.refit_next_layer`), so that the retraining starts near the
+    students' own functions.
     ``retry_with``: a list of ``train_options`` updates (for example ``[{"max_iter": 400}]``).
     When the recovered network is not exact (relative loss on the queries above ``EXACT_LOSS``,
     a test that needs no teacher), the recovery is done again from the same initial students
@@ -277,6 +281,8 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
         return _with_retries(dict(locals()))
     act, student_widths = _check_parameters(activation, n_hidden_layers, n_students, gamma, beta,
                                             student_widths)
+    if not isinstance(refit_shared, bool):
+        raise TypeError(f"refit_shared must be True or False, got {refit_shared!r}")
     if retrain_options is not None and not isinstance(retrain_options, dict):
         raise TypeError(f"retrain_options is a dict of train_options updates, got {retrain_options!r}")
     X = check_inputs(X)
@@ -352,6 +358,8 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
         def write_and_retrain(students, clustering, losses, layer=layer):
             t0 = time.perf_counter()
             shared = write_shared_layer(students, clustering, losses)
+            if refit_shared:
+                shared = refit_next_layer(shared, students, layer, X)
             shared, report = train_students(shared, X, y, seed=seed + layer + 1,
                                             fixed_layers=layer + 1, **retrain)
             key = f"retraining layer {layer + 2}"

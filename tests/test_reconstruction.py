@@ -174,3 +174,50 @@ def test_widen_last_layer_adds_fresh_neurons_fitted_to_the_residual(depth):
     assert not torch.allclose(widen_last_layer(net, X, y, 3, seed=6).theta, wide.theta)
     with pytest.raises(ValueError, match="extra"):
         widen_last_layer(net, X, y, 0)
+
+
+def _next_preactivations(students, layer, X):
+    """Per student, what hidden layer ``layer + 1`` (or the output, less the linear term) receives."""
+    out = []
+    for s in range(students.n_students):
+        net = students.student(s)
+        out.append(net.hidden(X)[layer] @ net.weights[layer + 1].T + net.biases[layer + 1])
+    return out
+
+
+def test_refitting_the_next_layer_gives_back_what_sharing_dropped():
+    """A student neuron outside every cluster that the next layer listens to is dropped when
+    the layer is shared; the least-squares refit of the next layer takes back what the shared
+    neurons can, never less than the weights ``write_shared_layer`` sums (a feasible choice
+    of the same fit), and keeps exact students exact."""
+    from eandc.mlp import StudentBatch
+    from eandc.reconstruction import refit_next_layer, write_shared_layer
+
+    teacher = random_teacher(2, [4, 3], activation="g", seed=1)
+    exact = planted_deep_students(teacher, 8, [12, 9])
+    X = torch.from_numpy(gaussian_inputs(2000, 2, seed=0))
+    y = teacher(X)
+    clustering = cluster_layer(exact, 0)
+    refitted = refit_next_layer(write_shared_layer(exact, clustering, losses=None), exact, 0, X)
+    for s in range(refitted.n_students):
+        torch.testing.assert_close(refitted.student(s)(X), y, rtol=1e-6, atol=1e-6)
+
+    weights, biases, skip = exact.layout.unflatten(exact.theta)
+    weights = [w.clone() for w in weights]
+    used = np.zeros((exact.n_students, 12), dtype=bool)
+    for cluster in clustering.kept:
+        used[clustering.student[cluster.members], clustering.neuron[cluster.members]] = True
+    gen = torch.Generator().manual_seed(3)
+    for s in range(exact.n_students):  # layer 2 now listens to one neuron outside the clusters
+        stray = int(np.flatnonzero(~used[s])[0])
+        weights[1][s][:, stray] = torch.randn(9, generator=gen, dtype=torch.float64)
+    students = StudentBatch(exact.layout.flatten(weights, biases, skip), exact.layout,
+                            exact.activation)
+    plain = write_shared_layer(students, cluster_layer(students, 0), losses=None)
+    refitted = refit_next_layer(plain, students, 0, X)
+    target = _next_preactivations(students, 0, X)
+    for s, (a, b, t) in enumerate(zip(_next_preactivations(plain, 0, X),
+                                      _next_preactivations(refitted, 0, X), target)):
+        plain_error, refit_error = float((a - t).square().sum()), float((b - t).square().sum())
+        assert refit_error <= plain_error * (1 + 1e-9), (s, plain_error, refit_error)
+        assert refit_error < 0.5 * plain_error, (s, plain_error, refit_error)

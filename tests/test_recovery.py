@@ -214,3 +214,28 @@ def test_retraining_between_layers_takes_the_retrain_options(monkeypatch):
     with pytest.raises(TypeError, match="retrain_options"):
         eandc.expand_and_cluster(teacher, X, "g", 2, retrain_options=[("adam_steps", 7)])
     assert not calls
+
+
+def test_a_shared_layer_is_refitted_only_when_asked(monkeypatch):
+    from eandc import recover as recover_module
+    calls = []
+    original = recover_module.refit_next_layer
+
+    def recording(shared, students, layer, X):
+        calls.append(layer)
+        return original(shared, students, layer, X)
+
+    monkeypatch.setattr(recover_module, "refit_next_layer", recording)
+    teacher = eandc.random_teacher(2, [2, 2], activation="g", seed=SEED)
+    X = eandc.gaussian_inputs(500, 2, seed=SEED + 1)
+    options = dict(student_widths=[6, 6], n_students=4, consensus_rounds=0, progress=False,
+                   train_options={"adam_steps": 20, "max_iter": 3, "polish_iter": 2})
+    for refit, expected in ((False, []), (True, [0])):
+        calls.clear()
+        try:
+            eandc.expand_and_cluster(teacher, X, "g", 2, refit_shared=refit, **options)
+        except recover_module.NoClusterError:
+            pass  # whether this tiny budget recovers the teacher does not matter here
+        assert calls == expected
+    with pytest.raises(TypeError, match="refit_shared"):
+        eandc.expand_and_cluster(teacher, X, "g", 2, refit_shared="yes")
