@@ -2,7 +2,9 @@
 
 Each shallow teacher of ``eandc.mnist``'s standard profile (784-16-10; g, tanh, sigmoid,
 softplus, ReLU), with its own query set and training options, recovered with
-``input_subspace`` on (``eandc.subspace``): the black box is first probed by finite differences
+``input_subspace`` on (``eandc.subspace``) and the profile's subspace options (whitened
+coordinates, ``input_polish_iter``; softplus too, which the profile keeps in pixel space;
+``--overrides`` can change them): the black box is first probed by finite differences
 along every pixel at a few images, and the students (16-64-10) take the queries' coordinates in
 the span of the Jacobians' rows. Records per teacher the recovered widths, the cosine distances
 on every pixel (no mask), argmax agreement on the held-out images, the subspace dimension, the
@@ -82,7 +84,9 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown activation(s) {sorted(unknown)}; the standard shallow teachers: "
                      f"{', '.join(mnist.SHALLOW_ACTIVATIONS)}")
-    overrides = {**args.overrides, "input_subspace": True}
+    # every teacher, softplus too, as the profile recovers those in their subspace
+    overrides = {"input_whitening": True, "input_polish_iter": mnist.SUBSPACE_POLISH,
+                 **args.overrides, "input_subspace": True}
     pixels = stored_pixel_seconds()
     rows, total = [], 0.0
     for config in mnist.select_teachers(mnist.configs("standard", overrides), "shallow"):

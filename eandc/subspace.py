@@ -144,7 +144,7 @@ class InputSubspace:
         """The same subspace with whitened coordinates on the inputs ``X``: centred on their
         mean coordinates, rotated to their principal axes and scaled to unit variance along
         each (module doc). The inputs must vary along every direction of the subspace."""
-        Z = InputSubspace(self.basis, self.singular_values, self.n_points, self.n_queries).project(X)
+        Z = replace(self, center=None, whitening=None).project(X)
         if Z.shape[0] < 2:
             raise ValueError("whitening needs at least two inputs")
         center = Z.mean(0)
