@@ -98,7 +98,8 @@ DEFAULTS = {
 # Keys added after runs were stored: a configuration holds one only where it differs from its
 # default here, so the configurations (and hashes) of the runs stored before stay as they were.
 LATER_DEFAULTS = {"teacher_bias_std": 1.0, "input_subspace": False, "input_polish_iter": 0,
-                  "input_whitening": False, "retrain_options": None}
+                  "input_whitening": False, "retrain_options": None, "refit_shared": False,
+                  "freeze_shared": True}
 
 STANDARD_TRAINING = {"finisher": "matfree", "max_iter": 12, "polish_iter": 10, "cg_dtype": "float32"}
 CONTRAST_QUERIES = {"images": True, "contrast": 10_000}
@@ -280,7 +281,8 @@ def recover_mnist_teacher(config: dict, checkpoint=None):
     options = dict(student_widths=student_widths, n_students=c["n_students"], gamma=c["gamma"],
                    beta=c["beta"], seed=c["seed"], progress=False, train_options=c["train_options"],
                    consensus_rounds=c["consensus_rounds"], checkpoint=checkpoint,
-                   retrain_options=c.get("retrain_options", LATER_DEFAULTS["retrain_options"]))
+                   **{key: c.get(key, LATER_DEFAULTS[key])
+                      for key in ("retrain_options", "refit_shared", "freeze_shared")})
     subspace = c.get("input_subspace", LATER_DEFAULTS["input_subspace"])
     try:
         if subspace:  # every pixel's weight is determined: no mask (eandc.subspace)

@@ -241,7 +241,7 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
                        n_students=10, gamma=0.5, beta=math.pi / 6, seed=0, device=None,
                        progress=True, prune_network=True, feature_mask=None,
                        consensus_rounds=3, train_options=None, retrain_options=None,
-                       refit_shared=False, retry_with=None, init_scale=None,
+                       refit_shared=False, freeze_shared=True, retry_with=None, init_scale=None,
                        checkpoint=None) -> ExpandAndClusterResult:
     """Recover a black-box MLP's layer widths and weights from queries (see the module doc).
 
@@ -261,7 +261,12 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
     zero loss may take first-order steps there too). ``refit_shared``: after a layer is
     shared, refit each student's next layer by least squares to what it received before
     (:func:`eandc.reconstruction.refit_next_layer`), so that the retraining starts near the
-    students' own functions.
+    students' own functions. ``freeze_shared``: the shared layers stay fixed while the students
+    retrain between layers (default); ``False`` retrains every layer, as the published code
+    does: the shared neurons start identical in every student (so the next layer's incoming
+    weights are comparable across students) and keep adapting, which lets first-order students
+    that share an approximate layer go on improving it; the reconstruction then takes the lower
+    layers from the lowest-loss student.
     ``retry_with``: a list of ``train_options`` updates (for example ``[{"max_iter": 400}]``).
     When the recovered network is not exact (relative loss on the queries above ``EXACT_LOSS``,
     a test that needs no teacher), the recovery is done again from the same initial students
@@ -281,8 +286,9 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
         return _with_retries(dict(locals()))
     act, student_widths = _check_parameters(activation, n_hidden_layers, n_students, gamma, beta,
                                             student_widths)
-    if not isinstance(refit_shared, bool):
-        raise TypeError(f"refit_shared must be True or False, got {refit_shared!r}")
+    for name, flag in (("refit_shared", refit_shared), ("freeze_shared", freeze_shared)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
     if retrain_options is not None and not isinstance(retrain_options, dict):
         raise TypeError(f"retrain_options is a dict of train_options updates, got {retrain_options!r}")
     X = check_inputs(X)
@@ -361,7 +367,8 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
             if refit_shared:
                 shared = refit_next_layer(shared, students, layer, X)
             shared, report = train_students(shared, X, y, seed=seed + layer + 1,
-                                            fixed_layers=layer + 1, **retrain)
+                                            fixed_layers=layer + 1 if freeze_shared else 0,
+                                            **retrain)
             key = f"retraining layer {layer + 2}"
             timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
             return shared, report

@@ -363,8 +363,11 @@ class TrainingReport:
 def adam_phase(theta: torch.Tensor, layout: Layout, activation: Activation, X: torch.Tensor,
                y: torch.Tensor, steps: int, lr: float = 3e-3, progress: bool = False,
                gradient: str = "fused", fixed_layers: int = 0, batch_size: int | None = None,
-               seed: int = 0) -> torch.Tensor:
+               seed: int = 0, lr_end: float | None = None) -> torch.Tensor:
     """``steps`` Adam steps on the sum of the students' losses (each its own gradient).
+
+    ``lr_end``: ``None`` keeps the learning rate at ``lr``; else it decays geometrically from
+    ``lr`` at the first step to ``lr_end`` at the last (:func:`adam_learning_rate`).
 
     ``batch_size``: ``None`` (or at least the number of rows) for full-batch steps; else each
     step takes the next ``batch_size`` rows of an epoch's random order of the rows
@@ -381,6 +384,7 @@ def adam_phase(theta: torch.Tensor, layout: Layout, activation: Activation, X: t
         chosen_backend(layout, activation, X, "native", theta=theta)
     n = X.shape[0]
     _check_batch_size(batch_size)
+    adam_learning_rate(0, steps, lr, lr_end)  # refuses a bad rate before any work
     per_epoch = math.ceil(n / batch_size) if batch_size is not None and batch_size < n else 1
     fixed = frozen_parameters(theta, layout, fixed_layers) if fixed_layers else None
     theta = theta.detach().clone().requires_grad_(True)
@@ -409,10 +413,24 @@ def adam_phase(theta: torch.Tensor, layout: Layout, activation: Activation, X: t
                                            backend=GRADIENTS[gradient])[1]
         if fixed is not None:
             theta.grad.masked_fill_(fixed, 0.0)  # Adam then leaves these entries unchanged
+        if lr_end is not None:
+            optimizer.param_groups[0]["lr"] = adam_learning_rate(step, steps, lr, lr_end)
         optimizer.step()
         if saved.due():
             saved.save(dict(checkpoint.adam_state(optimizer, theta), theta=theta), {"step": step + 1})
     return theta.detach()
+
+
+def adam_learning_rate(step: int, steps: int, lr: float, lr_end: float | None = None) -> float:
+    """The learning rate of step ``step`` (0-based) of ``steps`` in :func:`adam_phase`: ``lr``,
+    or with ``lr_end`` the geometric interpolation ``lr (lr_end / lr) ** (step / (steps - 1))``
+    (a function of the step alone, so a resumed run takes the same rates)."""
+    for name, value in (("lr", lr), ("lr_end", lr_end)):
+        if value is not None and not (isinstance(value, (int, float)) and 0 < value < math.inf):
+            raise ValueError(f"{name} must be a positive number, got {value!r}")
+    if lr_end is None or steps <= 1:
+        return float(lr)
+    return float(lr) * (float(lr_end) / float(lr)) ** (step / (steps - 1))
 
 
 def _check_batch_size(batch_size) -> None:
@@ -568,6 +586,7 @@ def choose_finisher(layout: Layout, n_students: int, n: int, subset_rows: int, d
                        info.get("finisher", "dense"))))
 def train_students(students: StudentBatch, X: torch.Tensor, y: torch.Tensor, *,
                    adam_steps: int = 300, adam_lr: float = 3e-3, adam_batch: int | None = None,
+                   adam_lr_end: float | None = None,
                    subset_rows: int | None = None,
                    max_iter: int = 400, polish_iter: int = 100, compaction_rounds: int = 3,
                    compaction_tolerances=COMPACTION_TOLERANCES, seed: int = 0,
@@ -577,6 +596,8 @@ def train_students(students: StudentBatch, X: torch.Tensor, y: torch.Tensor, *,
 
     ``subset_rows`` defaults to ``max(1000, 10 P)`` rows (all of them when there are fewer).
     ``adam_batch``: rows per Adam step (``None``: all the subset's rows; see :func:`adam_phase`).
+    ``adam_lr_end``: the learning rate decays geometrically from ``adam_lr`` to it over the Adam
+    steps (``None``: constant).
     ``finisher``: the Levenberg-Marquardt variant, ``"dense"`` (:func:`levenberg_marquardt`),
     ``"matfree"`` (:func:`eandc.matfree.matfree_levenberg_marquardt`) or ``"auto"`` (see
     :func:`choose_finisher`). ``fixed_layers``: how many hidden layers, from the input, stay as
@@ -632,7 +653,7 @@ def train_students(students: StudentBatch, X: torch.Tensor, y: torch.Tensor, *,
     if adam_steps:
         theta = adam_phase(theta, layout, activation, Xs, ys, adam_steps, adam_lr, progress,
                            batch_size=adam_batch, seed=seed,
-                           fixed_layers=fixed_layers)
+                           fixed_layers=fixed_layers, lr_end=adam_lr_end)
     seconds["adam"] = time.perf_counter() - t0
     iterations["adam"] = adam_steps
 

@@ -2,6 +2,8 @@
 native one) against autograd, and the batched forward against independent torch.nn modules (the
 skip term; tests/test_mlp.py covers networks without it)."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ from eandc import MLP, StudentBatch
 from eandc.activations import ACTIVATIONS
 from eandc.fast import autograd_loss_and_gradient, compiled_value_and_derivative, loss_and_gradient
 from eandc.mlp import forward
-from eandc.training import adam_phase, epoch_order
+from eandc.training import adam_learning_rate, adam_phase, epoch_order
 
 
 def _relative(a, b):
@@ -88,6 +90,31 @@ def test_minibatch_adam_follows_independent_students_on_the_same_minibatches():
             adam_phase(theta, layout, act, X, y, 1, batch_size=bad)
     assert torch.equal(adam_phase(theta, layout, act, X, y, 3, batch_size=np.int64(32), seed=5),
                        adam_phase(theta, layout, act, X, y, 3, batch_size=32, seed=5))
+
+
+def test_adam_with_a_decaying_rate_follows_independent_students():
+    """``lr_end``: each step's rate is ``lr (lr_end / lr) ** (step / (steps - 1))``, as an
+    independent optimizer per student with that schedule takes it."""
+    theta, layout, act, X, y = random_students("g", (5,), False, n=100)
+    steps, lr, lr_end = 10, 1e-2, 1e-4
+    got = adam_phase(theta, layout, act, X, y, steps, lr=lr, lr_end=lr_end)
+    for s in range(theta.shape[0]):
+        own = theta[s:s + 1].clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([own], lr=lr)
+        for step in range(steps):
+            optimizer.param_groups[0]["lr"] = lr * (lr_end / lr) ** (step / (steps - 1))
+            optimizer.zero_grad()
+            (forward(own, layout, act, X) - y).square().mean().backward()
+            optimizer.step()
+        assert _relative(got[s] - theta[s], own.detach()[0] - theta[s]) < 1e-9
+    assert adam_learning_rate(0, steps, lr, lr_end) == lr
+    assert adam_learning_rate(steps - 1, steps, lr, lr_end) == pytest.approx(lr_end, rel=1e-12)
+    constant = adam_phase(theta, layout, act, X, y, steps, lr=lr)
+    assert torch.equal(adam_phase(theta, layout, act, X, y, steps, lr=lr, lr_end=lr), constant)
+    assert _relative(got - theta, constant - theta) > 1e-2  # the decay did change the steps
+    for bad in (0.0, -1e-3, math.nan, math.inf, "1e-4"):
+        with pytest.raises(ValueError, match="lr_end"):
+            adam_phase(theta, layout, act, X, y, 1, lr_end=bad)
 
 
 @pytest.mark.parametrize("activation", ["g", "softplus", "leaky_relu"])

@@ -239,3 +239,36 @@ def test_a_shared_layer_is_refitted_only_when_asked(monkeypatch):
         assert calls == expected
     with pytest.raises(TypeError, match="refit_shared"):
         eandc.expand_and_cluster(teacher, X, "g", 2, refit_shared="yes")
+
+
+def test_shared_layers_stay_fixed_in_retraining_unless_freed(monkeypatch):
+    """``freeze_shared`` (default): the retraining between layers leaves the shared first layer
+    as written; ``freeze_shared=False`` (the published code) trains it too."""
+    from eandc import recover as recover_module
+    moved = []
+    original = recover_module.train_students
+
+    def recording(students, X, y, **options):
+        trained, report = original(students, X, y, **options)
+        if options["seed"] == 1:  # the retraining after the first layer (seed + layer + 1)
+            before = students.layout.unflatten(students.theta)[0][0]
+            after = trained.layout.unflatten(trained.theta)[0][0]
+            moved.append(float((after - before).abs().max()))
+        return trained, report
+
+    monkeypatch.setattr(recover_module, "train_students", recording)
+    teacher = eandc.random_teacher(2, [2, 2], activation="g", seed=SEED)
+    X = eandc.gaussian_inputs(500, 2, seed=SEED + 1)
+    options = dict(student_widths=[6, 6], n_students=4, consensus_rounds=0, progress=False,
+                   seed=0, train_options={"adam_steps": 20, "max_iter": 3, "polish_iter": 2},
+                   retrain_options={"adam_steps": 20})
+    for freeze in (True, False):
+        moved.clear()
+        try:
+            eandc.expand_and_cluster(teacher, X, "g", 2, freeze_shared=freeze, **options)
+        except recover_module.NoClusterError:
+            pass  # whether this tiny budget recovers the teacher does not matter here
+        assert len(moved) == 1, moved
+        assert (moved[0] == 0.0) == freeze, (freeze, moved)
+    with pytest.raises(TypeError, match="freeze_shared"):
+        eandc.expand_and_cluster(teacher, X, "g", 2, freeze_shared=0)
