@@ -13,6 +13,15 @@ The activation's symmetries are folded:
   two. Angles are taken up to sign. Each member's sign relative to its cluster's reference is
   recorded for reconstruction.
 
+The paper measures distances between the rows ``[w; b]`` themselves. Optionally
+(``input_metric``, :func:`preactivation_metric`) they are measured between the neurons'
+preactivations ``a . w + b`` on the queries instead (our addition): the rows are multiplied by a
+square root of the second moments of the layer's inputs ``[a; 1]``, so that the distance
+between two neurons is the RMS difference of their preactivations and their angle is that of
+their preactivations. For a layer whose inputs are correlated (a deep layer reading the
+activities of the one below), weights along directions in which the inputs hardly vary are
+barely determined by the data and the raw rows scatter along them; the preactivations do not.
+
 Then: average-linkage dendrogram; cut it where the number of clusters holding neurons of at
 least ``ceil(gamma N)`` *distinct students* is largest (the end of the first plateau of that
 count, as in the authors' code), considering only *stable* counts and ranking them by the
@@ -52,6 +61,7 @@ from .activations import Activation
 from .mlp import StudentBatch
 
 __all__ = ["LayerClustering", "Cluster", "cluster_layer", "neuron_features", "pairwise_distances",
+           "preactivation_metric",
            "min_students", "silent_neurons", "choose_cut", "dense_core", "all_one_neuron"]
 
 log = logging.getLogger(__name__)
@@ -177,6 +187,18 @@ def canonical_signs(features: np.ndarray, seed: int = 0, tries: int = 16) -> np.
         if margin > best_margin:
             best, best_margin = direction, margin
     return np.where(features @ best < 0, -1.0, 1.0)
+
+
+def preactivation_metric(inputs) -> np.ndarray:
+    """``S`` (``(d + 1, d + 1)``) such that ``[w; b] S`` has the Euclidean norm of the RMS of the
+    preactivation ``a . w + b`` over the rows ``a`` of ``inputs`` (``(n, d)``, a layer's inputs
+    on the queries): ``S S^T`` is the second-moment matrix of ``[a; 1]``, from a QR factorisation
+    (no squared condition number). Directions in which the inputs never vary get no weight."""
+    inputs = np.asarray(inputs, dtype=np.float64)
+    if inputs.ndim != 2 or len(inputs) == 0 or not np.isfinite(inputs).all():
+        raise ValueError(f"inputs must be a finite (n, d) array with n >= 1, got shape {inputs.shape}")
+    augmented = np.concatenate([inputs, np.ones((len(inputs), 1))], axis=1) / math.sqrt(len(inputs))
+    return np.linalg.qr(augmented, mode="r").T
 
 
 def pairwise_distances(features: np.ndarray, signed: bool) -> np.ndarray:
@@ -331,14 +353,17 @@ def choose_cut(Z: np.ndarray, counts: np.ndarray, stable_factor: float = STABLE_
 def cluster_layer(students: StudentBatch, layer: int, gamma: float = 0.5,
                   beta: float = math.pi / 6, student_losses=None,
                   feature_mask: np.ndarray | None = None,
-                  include: np.ndarray | None = None) -> LayerClustering:
+                  include: np.ndarray | None = None,
+                  input_metric: np.ndarray | None = None) -> LayerClustering:
     """Cluster hidden layer ``layer`` of ``students`` (see the module doc for each step).
 
     ``student_losses`` ranks the students (lowest first) to pick each cluster's reference
     member. ``feature_mask`` (one bool per incoming coordinate) leaves coordinates out of the
     distances and angles, for inputs that never vary across the queries. ``include`` (one bool
     per student) leaves students out, for example those that did not converge; the threshold
-    ``ceil(gamma N)`` still counts all N students.
+    ``ceil(gamma N)`` still counts all N students. ``input_metric`` (:func:`preactivation_metric`
+    of the layer's inputs): distances and angles between the neurons' preactivations instead of
+    their rows (see the module doc); the clusters' rows stay the students' own.
     """
     activation: Activation = students.activation
     n_students = students.n_students
@@ -360,6 +385,18 @@ def cluster_layer(students: StudentBatch, layer: int, gamma: float = 0.5,
         if mask.shape[0] != feats.shape[1]:
             raise ValueError(f"feature_mask needs {feats.shape[1] - 1} entries, got {mask.shape[0] - 1}")
         compared = feats[:, mask]
+    if input_metric is not None:
+        if feature_mask is not None:
+            raise ValueError("feature_mask and input_metric exclude each other: the preactivation "
+                             "metric already gives no weight to inputs that never vary")
+        input_metric = np.asarray(input_metric, dtype=np.float64)
+        if input_metric.shape != (feats.shape[1], feats.shape[1]):
+            raise ValueError(f"input_metric must be {feats.shape[1]} x {feats.shape[1]} for layer "
+                             f"{layer}, got {input_metric.shape}")
+        compared = feats @ input_metric
+        if activation.has_scaling_symmetry:  # angles only: unit rows again
+            norms = np.linalg.norm(compared, axis=1)
+            compared = compared / np.where(norms > 0, norms, 1.0)[:, None]
     signed = activation.has_sign_symmetry
     dist = pairwise_distances(compared, signed)
     Z = linkage(dist, method="average")

@@ -15,6 +15,7 @@ from eandc.clustering import (
     dense_core,
     min_students,
     pairwise_distances,
+    preactivation_metric,
     silent_neurons,
 )
 from eandc.mlp import Layout, StudentBatch
@@ -226,3 +227,46 @@ def test_all_one_neuron_on_few_and_on_many_rows():
         assert all_one_neuron(flipped, signed=True, beta=math.pi / 6)
         assert not all_one_neuron(flipped, signed=False, beta=math.pi / 6)
         assert not all_one_neuron(rng.normal(size=(n, 6)), signed=True, beta=math.pi / 6)
+
+
+def test_preactivation_metric_gives_the_rms_of_preactivations():
+    rng = np.random.default_rng(3)
+    inputs = rng.normal(size=(400, 3)) * [1.0, 1e-3, 0.0] + [0.5, 2.0, 7.0]  # one constant input
+    S = preactivation_metric(inputs)
+    for _ in range(5):
+        w, b = rng.normal(size=3), rng.normal()
+        rms = math.sqrt(np.mean((inputs @ w + b) ** 2))
+        assert np.linalg.norm(np.append(w, b) @ S) == pytest.approx(rms, rel=1e-12)
+    for bad in (np.zeros((0, 3)), np.ones(3), np.full((4, 2), np.nan)):
+        with pytest.raises(ValueError, match="inputs"):
+            preactivation_metric(bad)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu", "g"])
+def test_preactivation_metric_clusters_neurons_scattered_where_the_inputs_hardly_vary(activation):
+    """Students hold the planted neurons with large random errors on an input that hardly varies
+    across the queries: their rows scatter, their preactivations on the queries agree. The
+    clustering in the preactivation metric keeps every neuron; the paper's, on the rows, cannot."""
+    teacher = random_teacher(3, [4], activation=activation, seed=5)
+    students, origin = planted_students(teacher, 6, 10, noise=0.0)
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(2000, 3)) * [1.0, 1.0, 1e-9]
+    weights, biases, skip = students.layout.unflatten(students.theta)
+    w0 = weights[0].clone()
+    planted = torch.as_tensor(origin.reshape(w0.shape[:2]) >= 0)  # junk pairs stay cancelling
+    w0[..., 2] += planted * torch.as_tensor(10 * rng.normal(size=w0.shape[:2]))  # on input 2
+    theta = students.layout.flatten([w0, weights[1]], biases, skip)
+    scattered = StudentBatch(theta, students.layout, students.activation)
+    beta = math.radians(5)
+    metric = preactivation_metric(X)
+    result = cluster_layer(scattered, 0, 1.0, beta, input_metric=metric)
+    assert result.width == 4
+    rows = result.student * 10 + result.neuron
+    assert sorted((set(origin[rows[c.core]].tolist()) for c in result.kept), key=min) == \
+        [{0}, {1}, {2}, {3}]
+    assert all(len(set(result.student[c.core].tolist())) == 6 for c in result.kept)
+    assert cluster_layer(scattered, 0, 1.0, beta).width < 4
+    with pytest.raises(ValueError, match="input_metric"):
+        cluster_layer(scattered, 0, 0.5, beta, input_metric=metric[:3, :3])
+    with pytest.raises(ValueError, match="exclude each other"):
+        cluster_layer(scattered, 0, 0.5, beta, feature_mask=np.ones(3, bool), input_metric=metric)
