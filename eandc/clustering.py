@@ -309,7 +309,7 @@ STABLE_FACTOR = 2.0
 
 
 def choose_cut(Z: np.ndarray, counts: np.ndarray, stable_factor: float = STABLE_FACTOR,
-               keepable=None, open_top: bool = True) -> int:
+               keepable=None, open_top: bool = True, max_fragments: int | None = None) -> int:
     """Index of the merge after which to cut: the end of the first plateau of the largest count
     among the *stable* plateaus, those over which the cut height can at least double
     (``stable_factor``) without the count changing; heights below 1e-10 of the largest count
@@ -320,6 +320,13 @@ def choose_cut(Z: np.ndarray, counts: np.ndarray, stable_factor: float = STABLE_
     whose rows are not all one neuron: there, the cut above everything is always "stable" and
     would win whenever students are too imprecise for any other plateau to last (deep students
     far from zero loss: one cluster kept instead of tens).
+
+    ``max_fragments`` (with ``N`` students and clusters of at least ``needed``: ``N // needed``)
+    bounds how many big clusters the copies of one neuron can fragment into, so the true count
+    is at least the largest count divided by it: stable plateaus below that are not the answer
+    either. They arise when a few stray rows (neurons of huge norm) merge far above the rest, so
+    that the plateaus just below the top last long; the count is then maximised over all
+    plateaus.
 
     ``keepable(k)``, when given, is the number of clusters after merge ``k`` that the angle test
     would keep too; plateaus are then ranked by it (the size count bounds it from above), so that
@@ -336,7 +343,11 @@ def choose_cut(Z: np.ndarray, counts: np.ndarray, stable_factor: float = STABLE_
             lifetime = heights[k] / heights[start]
             plateaus.append((int(counts[start]), start, k - 1, lifetime))
             start = k
-    stable = [p for p in plateaus if p[3] >= stable_factor and p[0] > 0] or plateaus
+    stable = [p for p in plateaus if p[3] >= stable_factor and p[0] > 0]
+    if max_fragments is not None:
+        most = max(p[0] for p in plateaus)
+        stable = [p for p in stable if p[0] * max_fragments >= most]
+    stable = stable or plateaus
     if keepable is None:
         best = max(p[0] for p in stable)
         return next(p[2] for p in stable if p[0] == best)
@@ -434,7 +445,8 @@ def cluster_layer(students: StudentBatch, layer: int, gamma: float = 0.5,
 
     cos_limit = math.cos(beta)
     last = choose_cut(Z, counts, keepable=lambda k: sum(c.kept for c in clusters_after(k)[2]),
-                      open_top=all_one_neuron(compared, signed, beta))
+                      open_top=all_one_neuron(compared, signed, beta),
+                      max_fragments=n_students // needed)
     labels, sign, clusters = clusters_after(last)
     result = LayerClustering(layer, feats, student, neuron, scale, sign, dist, Z, last,
                              float(Z[last, 2]) if len(Z) else 0.0, counts, labels, clusters,

@@ -68,7 +68,7 @@ import torch
 
 from .activations import get_activation
 from .checkpoint import active as active_checkpoint
-from .clustering import LayerClustering, cluster_layer, min_students
+from .clustering import LayerClustering, cluster_layer, min_students, preactivation_metric
 from .mlp import MLP, Layout, StudentBatch
 from .reconstruction import (
     align_output_bias,
@@ -98,6 +98,7 @@ ZERO_LOSS = 1e-8  # relative loss that counts as "~zero" when choosing the stude
 # start small (PyTorch's fan-in of its 3-D tensors makes its init std sqrt(2 / (width N))).
 DEEP_INIT_SCALE = 0.3
 DEEP_ADAM_STEPS = 1500
+CLUSTER_METRICS = ("weights", "preactivations")  # expand_and_cluster(cluster_metric=)
 CONSENSUS_MIN_LOSS = 1e-20  # consensus rounds run only while some student is above this loss
 # A network reconstructed from the last layer's clusters is exact when its fine-tuned relative loss
 # is below this: the last layer then needs no consensus round.
@@ -158,8 +159,12 @@ def _check_parameters(activation, n_hidden_layers, n_students, gamma, beta, stud
         raise ValueError(f"n_students must be an integer >= 2, got {n_students!r}")
     if not (isinstance(gamma, (int, float)) and 0 < gamma <= 1):
         raise ValueError(f"gamma must be in (0, 1], got {gamma!r}")
-    if not (isinstance(beta, (int, float)) and 0 < beta <= math.pi / 2):
-        raise ValueError(f"beta must be an angle in (0, pi/2] radians, got {beta!r}")
+    betas = list(beta) if isinstance(beta, (list, tuple, np.ndarray)) else [beta] * n_hidden_layers
+    if len(betas) != n_hidden_layers or not all(
+            isinstance(b, (int, float, np.floating)) and not isinstance(b, bool)
+            and 0 < b <= math.pi / 2 for b in betas):
+        raise ValueError(f"beta must be an angle in (0, pi/2] radians, or one per hidden layer "
+                         f"({n_hidden_layers}), got {beta!r}")
     if gamma * n_students < 2:
         raise ValueError(f"gamma * n_students = {gamma * n_students:g} < 2: a cluster must hold "
                          "at least two students; raise gamma or n_students")
@@ -172,7 +177,7 @@ def _check_parameters(activation, n_hidden_layers, n_students, gamma, beta, stud
                              f"{n_hidden_layers} hidden layer(s)")
         if any(not isinstance(w, (int, np.integer)) or w < 1 for w in student_widths):
             raise ValueError(f"student widths must be positive integers, got {student_widths}")
-    return act, student_widths
+    return act, student_widths, [float(b) for b in betas]
 
 
 def _targets(query, X):
@@ -195,6 +200,17 @@ def _check_size(layout: Layout, n: int):
         raise ValueError(f"too few queries: {n} queries x {layout.d_out} output(s) for students with "
                          f"{layout.size} parameters each ({'-'.join(map(str, layout.sizes))}); give "
                          "at least as many query outputs as parameters, or narrower students")
+
+
+def layer_inputs(students, losses, layer: int, X: torch.Tensor) -> np.ndarray:
+    """What hidden layer ``layer`` of the lowest-loss student receives on ``X``: ``X`` itself
+    for the first, else the activities of the layer below."""
+    weights, biases, _ = students.layout.unflatten(students.theta)
+    best = int(np.argmin(losses))
+    a = X
+    for w, b in zip(weights[:layer], biases[:layer]):
+        a = students.activation(a @ w[best].T + b[best])
+    return a.detach().cpu().numpy()
 
 
 def converged(losses: np.ndarray, needed: int) -> np.ndarray:
@@ -241,7 +257,8 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
                        n_students=10, gamma=0.5, beta=math.pi / 6, seed=0, device=None,
                        progress=True, prune_network=True, feature_mask=None,
                        consensus_rounds=3, train_options=None, retrain_options=None,
-                       refit_shared=False, freeze_shared=True, retry_with=None, init_scale=None,
+                       refit_shared=False, freeze_shared=True, cluster_metric="weights",
+                       retry_with=None, init_scale=None,
                        checkpoint=None) -> ExpandAndClusterResult:
     """Recover a black-box MLP's layer widths and weights from queries (see the module doc).
 
@@ -250,7 +267,9 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
     ``X``: the queries, ``(n, d_in)``. ``activation``: the teacher's activation, by name.
     ``student_widths``: one width per hidden layer (or one int for all); ``None`` doubles the
     width until the students consistently reach ~zero loss. ``gamma``, ``beta``: the cluster
-    size (fraction of students) and median-angle (radians) thresholds. ``train_options``:
+    size (fraction of students) and median-angle (radians) thresholds; ``beta`` may be a list,
+    one angle per hidden layer (deep students agree less closely on the layers above the
+    first). ``train_options``:
     keyword arguments for :func:`eandc.training.train_students`. ``consensus_rounds``: how many
     times at most to share the clustered neurons of a layer with every student, retrain (each
     time on another subset of the queries), and cluster again, keeping a round that finds more
@@ -267,6 +286,12 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
     weights are comparable across students) and keep adapting, which lets first-order students
     that share an approximate layer go on improving it; the reconstruction then takes the lower
     layers from the lowest-loss student.
+    ``cluster_metric``: ``"weights"`` (the paper) clusters the neurons' incoming rows
+    ``[w; b]``; ``"preactivations"`` their preactivations on the queries
+    (:func:`eandc.clustering.preactivation_metric` of what the layer receives in the
+    lowest-loss student), which discounts weights along directions in which the layer's inputs
+    hardly vary: the deep layers, whose inputs are correlated activities (no ``feature_mask``
+    then: inputs that never vary get no weight anyway).
     ``retry_with``: a list of ``train_options`` updates (for example ``[{"max_iter": 400}]``).
     When the recovered network is not exact (relative loss on the queries above ``EXACT_LOSS``,
     a test that needs no teacher), the recovery is done again from the same initial students
@@ -284,8 +309,13 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
             return expand_and_cluster(**locals())
     if retry_with:
         return _with_retries(dict(locals()))
-    act, student_widths = _check_parameters(activation, n_hidden_layers, n_students, gamma, beta,
+    act, student_widths, betas = _check_parameters(activation, n_hidden_layers, n_students, gamma, beta,
                                             student_widths)
+    if cluster_metric not in CLUSTER_METRICS:
+        raise ValueError(f"cluster_metric must be one of {CLUSTER_METRICS}, got {cluster_metric!r}")
+    if cluster_metric == "preactivations" and feature_mask is not None:
+        raise ValueError("feature_mask applies to cluster_metric='weights' only: the "
+                         "preactivation metric gives no weight to inputs that never vary")
     for name, flag in (("refit_shared", refit_shared), ("freeze_shared", freeze_shared)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be True or False, got {flag!r}")
@@ -353,12 +383,19 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
         completion = (reconstructed, (network, loss, notes, source))
         return completion[1]
     retrain = {**options, "adam_steps": 0, **(retrain_options or {})}
+
+    def metric(students, losses, layer):
+        if cluster_metric == "weights":
+            return None
+        return preactivation_metric(layer_inputs(students, losses, layer, X))
+
     for layer in range(n_hidden_layers):
         mask = feature_mask if layer == 0 else None
         last = layer == n_hidden_layers - 1
         t0 = time.perf_counter()
-        clustering = cluster_layer(students, layer, gamma, beta, losses, mask,
-                                   converged(losses, needed))
+        clustering = cluster_layer(students, layer, gamma, betas[layer], losses, mask,
+                                   converged(losses, needed),
+                                   input_metric=metric(students, losses, layer))
         timings["clustering"] += time.perf_counter() - t0
 
         def write_and_retrain(students, clustering, losses, layer=layer):
@@ -406,8 +443,9 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
             trial, trial_report = train_students(trial, X, y, seed=seed + 101 + layer + 1009 * round_,
                                                  fixed_layers=layer, **retrain)
             trial_losses = trial_report.relative_losses
-            trial_clustering = cluster_layer(trial, layer, gamma, beta, trial_losses, mask,
-                                             converged(trial_losses, needed))
+            trial_clustering = cluster_layer(trial, layer, gamma, betas[layer], trial_losses, mask,
+                                             converged(trial_losses, needed),
+                                             input_metric=metric(trial, trial_losses, layer))
             key = f"consensus layer {layer + 1}"
             timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
             log.info("layer %d consensus round %d: %d -> %d clusters", layer + 1, round_ + 1,

@@ -272,3 +272,27 @@ def test_shared_layers_stay_fixed_in_retraining_unless_freed(monkeypatch):
         assert (moved[0] == 0.0) == freeze, (freeze, moved)
     with pytest.raises(TypeError, match="freeze_shared"):
         eandc.expand_and_cluster(teacher, X, "g", 2, freeze_shared=0)
+
+
+def test_beta_may_be_given_per_hidden_layer(monkeypatch):
+    from eandc import recover as recover_module
+    seen = []
+    original = recover_module.cluster_layer
+
+    def recording(students, layer, gamma, beta, *args, **kwargs):
+        seen.append((layer, beta))
+        return original(students, layer, gamma, beta, *args, **kwargs)
+
+    monkeypatch.setattr(recover_module, "cluster_layer", recording)
+    teacher = eandc.random_teacher(2, [2, 2], activation="g", seed=SEED)
+    X = eandc.gaussian_inputs(500, 2, seed=SEED + 1)
+    options = dict(student_widths=[6, 6], n_students=4, consensus_rounds=0, progress=False,
+                   train_options={"adam_steps": 20, "max_iter": 3, "polish_iter": 2})
+    try:
+        eandc.expand_and_cluster(teacher, X, "g", 2, beta=[0.2, 0.4], **options)
+    except recover_module.NoClusterError:
+        pass  # whether this tiny budget recovers the teacher does not matter here
+    assert seen[:2] == [(0, 0.2), (1, 0.4)]
+    for bad in ([0.2], [0.2, 0.4, 0.4], [0.2, 2.0], [0.2, True], "0.2"):
+        with pytest.raises(ValueError, match="beta"):
+            eandc.expand_and_cluster(teacher, X, "g", 2, beta=bad, **options)
