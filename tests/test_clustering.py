@@ -217,6 +217,19 @@ def test_choose_cut_keeps_the_top_open_only_when_asked():
     assert choose_cut(Z, counts, open_top=False) == 3  # none stable: the largest count
 
 
+def test_a_plateau_stable_only_through_stray_rows_does_not_win():
+    """Regression (layer 3 of the deep MNIST students): two rows of huge norm merge far above
+    the rest, so the one-cluster plateau below them lasts while the height doubles and was the
+    only stable one: one cluster instead of tens. No neuron's copies fragment into more than
+    ``max_fragments`` big clusters, so a stable count below the largest over that is no answer."""
+    heights = np.append(1.1 ** np.arange(8), [50.0, 100.0])
+    Z = np.column_stack([np.zeros(10), np.zeros(10), heights, np.zeros(10)])
+    counts = np.array([1, 2, 3, 4, 3, 2, 1, 1, 1, 1])
+    assert choose_cut(Z, counts, open_top=False) == 9
+    assert choose_cut(Z, counts, open_top=False, max_fragments=1) == 3  # the largest count
+    assert choose_cut(Z, counts, open_top=False, max_fragments=4) == 9  # 4 fragments of 1 each
+
+
 def test_all_one_neuron_on_few_and_on_many_rows():
     rng = np.random.default_rng(0)
     direction = rng.normal(size=6)

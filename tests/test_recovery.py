@@ -296,3 +296,34 @@ def test_beta_may_be_given_per_hidden_layer(monkeypatch):
     for bad in ([0.2], [0.2, 0.4, 0.4], [0.2, 2.0], [0.2, True], "0.2"):
         with pytest.raises(ValueError, match="beta"):
             eandc.expand_and_cluster(teacher, X, "g", 2, beta=bad, **options)
+
+
+def test_the_preactivation_metric_is_used_only_when_asked(monkeypatch):
+    from eandc import recover as recover_module
+    seen = []
+    original = recover_module.cluster_layer
+
+    def recording(students, layer, *args, input_metric=None, **kwargs):
+        seen.append((layer, None if input_metric is None else input_metric.shape))
+        return original(students, layer, *args, input_metric=input_metric, **kwargs)
+
+    monkeypatch.setattr(recover_module, "cluster_layer", recording)
+    teacher = eandc.random_teacher(2, [2, 3], activation="g", seed=SEED)
+    X = eandc.gaussian_inputs(500, 2, seed=SEED + 1)
+    options = dict(student_widths=[6, 5], n_students=4, consensus_rounds=0, progress=False,
+                   train_options={"adam_steps": 20, "max_iter": 3, "polish_iter": 2})
+    for metric, expected in (("weights", [(0, None), (1, None)]),
+                             ("preactivations", [(0, (3, 3))])):
+        seen.clear()
+        try:
+            eandc.expand_and_cluster(teacher, X, "g", 2, cluster_metric=metric, **options)
+        except recover_module.NoClusterError:
+            pass  # whether this tiny budget recovers the teacher does not matter here
+        assert seen[:len(expected)] == expected
+    if len(seen) > 1:  # the second layer reads the activities of the shared first layer
+        assert seen[1][0] == 1 and seen[1][1][0] == seen[1][1][1] >= 2
+    with pytest.raises(ValueError, match="cluster_metric"):
+        eandc.expand_and_cluster(teacher, X, "g", 2, cluster_metric="cosine", **options)
+    with pytest.raises(ValueError, match="feature_mask"):
+        eandc.expand_and_cluster(teacher, X, "g", 2, cluster_metric="preactivations",
+                                 feature_mask=np.ones(2, bool), **options)
