@@ -18,10 +18,14 @@ measures the first steps of that expansion, on the 4 students the profile trains
    retrained by minibatch Adam for N epochs with that layer fixed, as the layer-by-layer
    recovery retrains them, and their second layers clustered; the students' losses just after
    the sharing are recorded as written and with their second layers refitted by least squares
-   (``refit_next_layer``), and ``--refit`` retrains the refitted ones.
+   (``refit_next_layer``), and ``--refit`` retrains the refitted ones. ``--free`` retrains
+   with nothing fixed (the published code's retraining, ``expand_and_cluster(freeze_shared=False)``)
+   and ``--lr-end`` decays the retraining's learning rate geometrically from 1e-3 to it.
 
 The clusters of a layer are counted on a grid of (gamma, beta) (``GRID``): with 4 students,
-gamma 0.5 keeps a cluster of 2 students, 0.75 of 3.
+gamma 0.5 keeps a cluster of 2 students, 0.75 of 3; for the second layer, both on the neurons'
+rows (the paper) and on their preactivations (``cluster_metric="preactivations"``,
+``eandc.clustering.preactivation_metric`` of the shared first layer's activities).
 
 With ``--subspace`` the students take the 30 coordinates of the queries in the teacher's input
 subspace (``eandc.subspace``, found by finite differences of the teacher) instead of the 784
@@ -51,14 +55,14 @@ from record import write_record
 
 from eandc import mnist
 from eandc.activations import get_activation
-from eandc.clustering import cluster_layer
+from eandc.clustering import cluster_layer, preactivation_metric
 from eandc.compare import compare
 from eandc.data import mnist as load_mnist
 from eandc.data import varying_pixels
 from eandc.matfree import matfree_levenberg_marquardt
 from eandc.mlp import Layout, StudentBatch
 from eandc.reconstruction import refit_next_layer, write_shared_layer
-from eandc.recover import DEEP_INIT_SCALE
+from eandc.recover import DEEP_INIT_SCALE, layer_inputs
 from eandc.runs import machine
 from eandc.subspace import input_subspace
 from eandc.training import adam_phase, init_students, student_losses
@@ -67,10 +71,11 @@ GRID = [(0.5, 10), (0.5, 30), (0.75, 10), (0.75, 30), (1.0, 10), (1.0, 30)]  # g
 SHARED_FIRST_LAYER = (0.75, 10)
 
 
-def clusters_on_grid(students, layer, losses, mask=None) -> dict:
+def clusters_on_grid(students, layer, losses, mask=None, metric=None) -> dict:
     """How many clusters of ``layer`` are kept at each (gamma, beta) of ``GRID``."""
     return {f"gamma {g} beta {b} deg": cluster_layer(students, layer, g, math.radians(b),
-                                                     np.asarray(losses), mask).width
+                                                     np.asarray(losses), mask,
+                                                     input_metric=metric).width
             for g, b in GRID}
 
 
@@ -113,6 +118,11 @@ def main() -> None:
     parser.add_argument("--refit", action="store_true",
                         help="with --second-layer-epochs: refit the second layer by least squares "
                              "after sharing the first (eandc.reconstruction.refit_next_layer)")
+    parser.add_argument("--free", action="store_true",
+                        help="with --second-layer-epochs: retrain with nothing fixed")
+    parser.add_argument("--lr-end", type=float, default=None,
+                        help="with --second-layer-epochs: the retraining's rate decays from 1e-3 "
+                             "to this")
     parser.add_argument("--whiten", action="store_true",
                         help="with --subspace: whitened coordinates (InputSubspace.whitened)")
     args = parser.parse_args()
@@ -193,16 +203,21 @@ def main() -> None:
         t0 = time.perf_counter()
         theta = adam_phase(shared.theta, shared.layout, act, X, y,
                            args.second_layer_epochs * per_epoch, lr=1e-3, batch_size=args.batch,
-                           seed=config["seed"] + 1, fixed_layers=1)
+                           seed=config["seed"] + 1, fixed_layers=0 if args.free else 1,
+                           lr_end=args.lr_end)
         second = StudentBatch(theta, shared.layout, act)
         losses2 = relative_losses(theta, shared.layout, act, X, y)
+        metric = preactivation_metric(layer_inputs(second, np.asarray(losses2), 1, X))
         angles = sorted(round(math.degrees(c.median_angle), 1)
                         for c in cluster_layer(second, 1, 0.75, math.pi / 6, np.asarray(losses2)).kept)
         record["second_layer"] = {
             "shared_first_layer": {"gamma": gamma, "beta_degrees": beta, "width": first.width},
             "relative_losses_after_sharing": after_sharing, "refitted": args.refit,
             "epochs": args.second_layer_epochs, "seconds": time.perf_counter() - t0,
+            "free": args.free, "lr_end": args.lr_end,
             "relative_losses": losses2, "clusters_kept_grid": clusters_on_grid(second, 1, losses2),
+            "clusters_kept_grid_preactivations": clusters_on_grid(second, 1, losses2,
+                                                                  metric=metric),
             "median_angles_degrees_gamma_0.75_beta_30": angles}
         print("second layer after retraining: " + json.dumps(record["second_layer"]), flush=True)
 
