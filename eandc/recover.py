@@ -243,14 +243,15 @@ def find_student_widths(X, y, activation, n_hidden_layers=1, *, n_students=10, s
         width *= 2
 
 
-def _reconstruct(students, clustering, losses, X, y, act, progress):
+def _reconstruct(students, clustering, losses, X, y, act, progress, finetune_iter=300):
     """The network of the clustered last layer: assembled, output bias aligned, linear term fitted
-    where the activation leaves one, fine-tuned. Returns (network, relative loss)."""
+    where the activation leaves one, fine-tuned (at most ``finetune_iter`` Levenberg-Marquardt
+    iterations). Returns (network, relative loss)."""
     network = assemble_network(students, clustering, losses)
     network = align_output_bias(network, X, y)
     if act.leaves_linear_term:
         network = fit_linear_term(network, X, y)
-    return finetune(network, X, y, progress=progress)
+    return finetune(network, X, y, max_iter=finetune_iter, progress=progress)
 
 
 def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_widths=None,
@@ -258,7 +259,7 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
                        progress=True, prune_network=True, feature_mask=None,
                        consensus_rounds=3, train_options=None, retrain_options=None,
                        refit_shared=False, freeze_shared=True, cluster_metric="weights",
-                       retry_with=None, init_scale=None,
+                       finetune_iter=300, retry_with=None, init_scale=None,
                        checkpoint=None) -> ExpandAndClusterResult:
     """Recover a black-box MLP's layer widths and weights from queries (see the module doc).
 
@@ -292,6 +293,11 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
     lowest-loss student), which discounts weights along directions in which the layer's inputs
     hardly vary: the deep layers, whose inputs are correlated activities (no ``feature_mask``
     then: inputs that never vary get no weight anyway).
+    ``finetune_iter``: the most Levenberg-Marquardt iterations of the reconstructed network's
+    fine-tune (a deep network's on many queries can cost tens of seconds each).
+    ``prune_network``: prune the reconstructed network, complete it where it is not exact and
+    fall back on an exact student (steps 4-6 of the module doc); each pruning trial is a
+    fine-tune.
     ``retry_with``: a list of ``train_options`` updates (for example ``[{"max_iter": 400}]``).
     When the recovered network is not exact (relative loss on the queries above ``EXACT_LOSS``,
     a test that needs no teacher), the recovery is done again from the same initial students
@@ -311,6 +317,9 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
         return _with_retries(dict(locals()))
     act, student_widths, betas = _check_parameters(activation, n_hidden_layers, n_students, gamma, beta,
                                             student_widths)
+    if isinstance(finetune_iter, bool) or not isinstance(finetune_iter, (int, np.integer)) \
+            or finetune_iter < 1:
+        raise ValueError(f"finetune_iter must be a positive integer, got {finetune_iter!r}")
     if cluster_metric not in CLUSTER_METRICS:
         raise ValueError(f"cluster_metric must be one of {CLUSTER_METRICS}, got {cluster_metric!r}")
     if cluster_metric == "preactivations" and feature_mask is not None:
@@ -413,7 +422,7 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
         def reconstruct(students, clustering, losses):
             t0 = time.perf_counter()
             network, loss = _reconstruct(students, clustering, losses, X, y, act,
-                                         options["progress"])
+                                         options["progress"], finetune_iter)
             timings["reconstruction"] = timings.get("reconstruction", 0.0) + \
                 time.perf_counter() - t0
             return network, loss
