@@ -327,3 +327,24 @@ def test_the_preactivation_metric_is_used_only_when_asked(monkeypatch):
     with pytest.raises(ValueError, match="feature_mask"):
         eandc.expand_and_cluster(teacher, X, "g", 2, cluster_metric="preactivations",
                                  feature_mask=np.ones(2, bool), **options)
+
+
+def test_finetune_iter_bounds_the_reconstructions_fine_tune(monkeypatch):
+    from eandc import recover as recover_module
+    seen = []
+    original = recover_module.finetune
+
+    def recording(network, X, y, max_iter=300, **kwargs):
+        seen.append(max_iter)
+        return original(network, X, y, max_iter=max_iter, **kwargs)
+
+    monkeypatch.setattr(recover_module, "finetune", recording)
+    teacher = eandc.random_teacher(2, [3], activation="tanh", seed=SEED)
+    X = eandc.gaussian_inputs(400, 2, seed=SEED + 1)
+    options = dict(student_widths=[6], n_students=4, consensus_rounds=0, progress=False,
+                   prune_network=False)
+    eandc.expand_and_cluster(teacher, X, "tanh", finetune_iter=7, **options)
+    assert seen and set(seen) == {7}
+    for bad in (0, 2.5, True, "20"):
+        with pytest.raises(ValueError, match="finetune_iter"):
+            eandc.expand_and_cluster(teacher, X, "tanh", finetune_iter=bad, **options)
