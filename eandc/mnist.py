@@ -124,9 +124,10 @@ PIXEL_SPACE = {"input_subspace": False, "input_polish_iter": 0, "input_whitening
 # minibatch Adam only, as the published recipe does: 1,400 epochs (lr 1e-3, batches of 500) bring
 # every teacher neuron of the first layer within 2 degrees of a neuron of every student; after
 # each layer is shared (next layer refitted, nothing frozen, as the published code retrains),
-# 4,800 epochs with the rate decaying from 1e-3 to 1e-4; the layers above the first are clustered
-# by their neurons' preactivations (their rows scatter along directions in which the activities
-# below hardly vary), 3 of the 4 students agreeing within 10 degrees. The reconstructed network
+# 4,800 epochs with the rate decaying from 1e-3 to 1e-4; neurons are clustered by their
+# preactivations (the rows of the layers above the first scatter along directions in which the
+# activities below hardly vary; the first layer's, in whitened coordinates, are the same), 3 of
+# the 4 students agreeing within 10 degrees. The reconstructed network
 # (about 3,300 parameters, 200,000 residuals: 40 s per dense Levenberg-Marquardt iteration on
 # 2 cores) takes 20 iterations of fine-tune and no pruning (each pruning trial is a fine-tune).
 DEEP_EPOCH_STEPS = 40  # minibatches of 500 per epoch of the 20,000 queries
