@@ -119,8 +119,9 @@ SUBSPACE_POLISH = 5
 # coordinates and, whitened, recovered it once and missed it once (12 neurons) when only the
 # rounding of the whitening's inverse differed.
 PIXEL_SPACE = {"input_subspace": False, "input_polish_iter": 0, "input_whitening": False}
-# The deep teacher (benchmarks/mnist_deep.py measured each choice on its 4 students 30-90-90-90-10
-# in whitened subspace coordinates): second-order steps crawl on these students, so they train by
+# The deep teacher (its 4 students 30-90-90-90-10 in whitened subspace coordinates;
+# benchmarks/mnist_deep.py measures the expansion and the second layer's retraining and
+# clustering under each choice below): second-order steps crawl on these students, so they train by
 # minibatch Adam only, as the published recipe does: 1,400 epochs (lr 1e-3, batches of 500) bring
 # each teacher neuron of the first layer to a median of 1.3 degrees from its closest neuron in
 # each student (benchmarks/results/mnist_deep-subspace-whitened-2026-12-07-054032.json); after
