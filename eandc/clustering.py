@@ -41,7 +41,10 @@ order of their spread, into pieces that each hold ``ceil(gamma N)`` students (wi
 N/2 and N/2), and the largest count is then a count of fragments. Such counts last only while
 the cut height grows by a few tens of percent; the true count lasts from the copies' spread up
 to the distance between neurons. So the count is maximised over plateaus that persist while the
-height at least doubles. The plateau above the last merge persists for ever only when all the
+height at least doubles. A stable plateau whose count is below the largest count divided by the most
+fragments one neuron's copies can form (``N // ceil(gamma N)``) is no answer either: deep
+students' rows of huge norm, merging far above the rest, make the plateaus just below the top
+last long. The plateau above the last merge persists for ever only when all the
 rows pass the angle test together (one neuron); otherwise, for students too imprecise for any
 plateau to persist (deep students far from zero loss), it would always win with one cluster,
 and the count is maximised over all plateaus, as the paper does.

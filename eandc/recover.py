@@ -205,12 +205,8 @@ def _check_size(layout: Layout, n: int):
 def layer_inputs(students, losses, layer: int, X: torch.Tensor) -> np.ndarray:
     """What hidden layer ``layer`` of the lowest-loss student receives on ``X``: ``X`` itself
     for the first, else the activities of the layer below."""
-    weights, biases, _ = students.layout.unflatten(students.theta)
-    best = int(np.argmin(losses))
-    a = X
-    for w, b in zip(weights[:layer], biases[:layer]):
-        a = students.activation(a @ w[best].T + b[best])
-    return a.detach().cpu().numpy()
+    inputs = X if layer == 0 else students.student(int(np.argmin(losses))).hidden(X)[layer - 1]
+    return inputs.detach().cpu().numpy()
 
 
 def converged(losses: np.ndarray, needed: int) -> np.ndarray:

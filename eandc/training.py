@@ -384,7 +384,9 @@ def adam_phase(theta: torch.Tensor, layout: Layout, activation: Activation, X: t
         chosen_backend(layout, activation, X, "native", theta=theta)
     n = X.shape[0]
     _check_batch_size(batch_size)
-    adam_learning_rate(0, steps, lr, lr_end)  # refuses a bad rate before any work
+    for name, value in (("lr", lr), ("lr_end", lr_end)):  # refused before any work
+        if value is not None and not (isinstance(value, (int, float)) and 0 < value < math.inf):
+            raise ValueError(f"{name} must be a positive number, got {value!r}")
     per_epoch = math.ceil(n / batch_size) if batch_size is not None and batch_size < n else 1
     fixed = frozen_parameters(theta, layout, fixed_layers) if fixed_layers else None
     theta = theta.detach().clone().requires_grad_(True)
@@ -425,9 +427,6 @@ def adam_learning_rate(step: int, steps: int, lr: float, lr_end: float | None = 
     """The learning rate of step ``step`` (0-based) of ``steps`` in :func:`adam_phase`: ``lr``,
     or with ``lr_end`` the geometric interpolation ``lr (lr_end / lr) ** (step / (steps - 1))``
     (a function of the step alone, so a resumed run takes the same rates)."""
-    for name, value in (("lr", lr), ("lr_end", lr_end)):
-        if value is not None and not (isinstance(value, (int, float)) and 0 < value < math.inf):
-            raise ValueError(f"{name} must be a positive number, got {value!r}")
     if lr_end is None or steps <= 1:
         return float(lr)
     return float(lr) * (float(lr_end) / float(lr)) ** (step / (steps - 1))
