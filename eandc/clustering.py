@@ -2,7 +2,9 @@
 
 For layer ``l`` every hidden neuron of every student contributes its incoming vector ``[w; b]``,
 except the silent ones (:func:`silent_neurons`: zero outgoing weights, or coinciding neurons
-whose outgoing weights cancel), whose incoming vectors the data do not determine.
+whose outgoing weights cancel), whose incoming vectors the data do not determine. Optionally
+(``exclude``, :func:`undetermined_neurons`, our addition) also the neurons that matter less to
+their student's outputs on the queries than the student's own error.
 The activation's symmetries are folded:
 
 * ReLU-like units (positive scaling): each vector is divided by its norm; the norm is kept so that
@@ -31,8 +33,10 @@ is one neuron of the recovered layer. Its *core*, the members within ``beta`` of
 what reconstruction reads: average linkage can attach a stray neuron to a tight cluster without
 moving its median angle. Average linkage can also attach so many stray neurons (of students
 that converged to another near-solution) that the median angle fails: such a cluster is kept
-when its tight group alone (:func:`dense_core`) holds ``ceil(gamma N)`` students and passes the
-angle test (our addition), and that group is its core.
+when its tight group alone (:func:`dense_core`) holds ``ceil(gamma N)`` students and has a
+median angle below ``beta / 2`` (our addition), and that group is its core. Half of ``beta``:
+a group picked from a diffuse bag of stray neurons has a median angle just below ``beta`` by
+chance, while the copies of a neuron agree far more closely.
 
 Counting distinct students rather than members matters: a student that splits one teacher
 neuron into duplicates would otherwise inflate a cluster's size. Stability matters too: when
@@ -57,6 +61,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from scipy.cluster.hierarchy import linkage
 from scipy.spatial.distance import pdist
 
@@ -65,9 +70,12 @@ from .mlp import StudentBatch
 
 __all__ = ["LayerClustering", "Cluster", "cluster_layer", "neuron_features", "pairwise_distances",
            "preactivation_metric",
-           "min_students", "silent_neurons", "choose_cut", "dense_core", "all_one_neuron"]
+           "min_students", "silent_neurons", "ablation_effects", "undetermined_neurons",
+           "choose_cut", "dense_core", "all_one_neuron"]
 
 log = logging.getLogger(__name__)
+
+ABLATION_ROWS = 2000  # queries that ablation_effects reads (evenly spaced)
 
 
 def min_students(gamma: float, n_students: int) -> int:
@@ -171,6 +179,65 @@ def silent_neurons(students: StudentBatch, layer: int, tol: float = 1e-9) -> np.
             if np.linalg.norm(factor @ a[group]) <= tol * reference:
                 silent[s, group] = True
     return silent
+
+
+def ablation_effects(students: StudentBatch, layer: int, X, target_scale: float,
+                     max_rows: int = ABLATION_ROWS) -> np.ndarray:
+    """``(N, width)``: how much each neuron of hidden layer ``layer`` matters to its student.
+
+    The neuron's activity is replaced by its mean over the queries ``X`` (what an output bias,
+    or the next layer's biases, can absorb) and the student's outputs are recomputed; the
+    effect is their mean squared change, over ``target_scale`` (the targets' variance, so that
+    it reads as a relative loss). For the last hidden layer this is ``var(h_j) |a_j|^2 / d_out``
+    exactly; below it, the change is propagated through the layers above. At most
+    ``max_rows`` queries, evenly spaced, are used.
+    """
+    X = torch.as_tensor(X)
+    if X.ndim != 2 or X.shape[1] != students.d_in:
+        raise ValueError(f"X must be (n, {students.d_in}), got {tuple(X.shape)}")
+    if not target_scale > 0:
+        raise ValueError(f"target_scale must be positive, got {target_scale!r}")
+    step = max(1, math.ceil(len(X) / max_rows))
+    X = X[::step].to(device=students.device, dtype=students.theta.dtype)
+    act = students.activation
+    weights, biases = students.weights, students.biases
+    with torch.no_grad():
+        a = X.expand(students.n_students, *X.shape)
+        for w, b in zip(weights[:layer + 1], biases[:layer + 1]):
+            a = act(a @ w.transpose(-1, -2) + b[:, None])
+        centred = a - a.mean(dim=1, keepdim=True)  # (N, n, width)
+        n_out = weights[-1].shape[1]
+        if layer == len(weights) - 2:
+            outgoing = weights[-1].square().sum(dim=1)  # (N, width)
+            effects = centred.square().mean(dim=1) * outgoing / n_out
+        else:  # one student at a time: (width, n, width) activities with neuron j at its mean
+            eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+            effects = torch.empty(a.shape[0], a.shape[-1], dtype=a.dtype, device=a.device)
+            for s in range(a.shape[0]):
+                full = a[s]
+                cut = full - centred[s].T[..., None] * eye[:, None, :]
+                for w, b in zip(weights[layer + 1:-1], biases[layer + 1:-1]):
+                    full = act(full @ w[s].T + b[s])
+                    cut = act(cut @ w[s].T + b[s])
+                change = (cut - full) @ weights[-1][s].T  # the output bias cancels
+                effects[s] = change.square().mean(dim=(1, 2))
+    return (effects / target_scale).cpu().numpy()
+
+
+def undetermined_neurons(students: StudentBatch, layer: int, X, target_scale: float,
+                         student_losses) -> np.ndarray:
+    """``(N, width)`` mask of the neurons that matter less to their student than its own
+    error: :func:`ablation_effects` at most the student's relative loss. The queries cannot
+    tell such a neuron's incoming vector from many others (the student fits them no better
+    than it would without the neuron), so it must not vote in the clustering. A student at
+    the loss floor keeps every neuron that does anything; a deep student far from it loses
+    its nearly constant (saturated) or nearly disconnected neurons, whose rows would otherwise
+    gather into clusters that match no teacher neuron."""
+    losses = np.asarray(student_losses, dtype=np.float64)
+    if losses.shape != (students.n_students,):
+        raise ValueError(f"student_losses needs one loss per student ({students.n_students}), "
+                         f"got shape {losses.shape}")
+    return ablation_effects(students, layer, X, target_scale) <= losses[:, None]
 
 
 def canonical_signs(features: np.ndarray, seed: int = 0, tries: int = 16) -> np.ndarray:
@@ -309,6 +376,11 @@ def _labels_after(Z: np.ndarray, n: int, last_merge: int) -> np.ndarray:
 
 
 STABLE_FACTOR = 2.0
+# A loose cluster's tight group is kept on its own only when its median angle is below this
+# fraction of beta: copies of one neuron agree far more closely than beta, while a group drawn
+# by chance from a diffuse bag of stray neurons (deep students' leftovers) has a median angle
+# just below beta (8.4-9.7 deg at beta 10 deg in the deep MNIST students' third layer).
+CORE_BETA_FRACTION = 0.5
 
 
 def choose_cut(Z: np.ndarray, counts: np.ndarray, stable_factor: float = STABLE_FACTOR,
@@ -368,7 +440,8 @@ def cluster_layer(students: StudentBatch, layer: int, gamma: float = 0.5,
                   beta: float = math.pi / 6, student_losses=None,
                   feature_mask: np.ndarray | None = None,
                   include: np.ndarray | None = None,
-                  input_metric: np.ndarray | None = None) -> LayerClustering:
+                  input_metric: np.ndarray | None = None,
+                  exclude: np.ndarray | None = None) -> LayerClustering:
     """Cluster hidden layer ``layer`` of ``students`` (see the module doc for each step).
 
     ``student_losses`` ranks the students (lowest first) to pick each cluster's reference
@@ -377,7 +450,9 @@ def cluster_layer(students: StudentBatch, layer: int, gamma: float = 0.5,
     per student) leaves students out, for example those that did not converge; the threshold
     ``ceil(gamma N)`` still counts all N students. ``input_metric`` (:func:`preactivation_metric`
     of the layer's inputs): distances and angles between the neurons' preactivations instead of
-    their rows (see the module doc); the clusters' rows stay the students' own.
+    their rows (see the module doc); the clusters' rows stay the students' own. ``exclude``
+    (``(N, width)`` bools, for example :func:`undetermined_neurons`): neurons left out, as the
+    silent ones are.
     """
     activation: Activation = students.activation
     n_students = students.n_students
@@ -389,6 +464,11 @@ def cluster_layer(students: StudentBatch, layer: int, gamma: float = 0.5,
     alive = ~silent_neurons(students, layer)
     if include is not None:
         alive &= np.asarray(include, dtype=bool)[:, None]
+    if exclude is not None:
+        exclude = np.asarray(exclude, dtype=bool)
+        if exclude.shape != alive.shape:
+            raise ValueError(f"exclude must be {alive.shape} (students x width), got {exclude.shape}")
+        alive &= ~exclude
     alive = alive.reshape(-1)
     feats, scale, student, neuron = feats[alive], scale[alive], student[alive], neuron[alive]
     if len(feats) < 2:
@@ -434,7 +514,8 @@ def cluster_layer(students: StudentBatch, layer: int, gamma: float = 0.5,
                 dense = members[dense_core(compared[members], student[members], signed, beta)]
                 n_dense = len(np.unique(student[dense]))
                 dense_angle = median_angle(compared[dense], signed)
-                if n_dense >= needed and math.cos(dense_angle) >= cos_limit - 1e-12:
+                if n_dense >= needed and \
+                        math.cos(dense_angle) >= math.cos(CORE_BETA_FRACTION * beta) - 1e-12:
                     kept, core = True, dense
                     reason = (f"kept: its core of {n_dense} students has median angle "
                               f"{math.degrees(dense_angle):.1f} deg (all: {reason})")

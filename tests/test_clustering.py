@@ -9,6 +9,7 @@ import torch
 from eandc import random_teacher
 from eandc.activations import get_activation
 from eandc.clustering import (
+    ablation_effects,
     all_one_neuron,
     choose_cut,
     cluster_layer,
@@ -17,6 +18,7 @@ from eandc.clustering import (
     pairwise_distances,
     preactivation_metric,
     silent_neurons,
+    undetermined_neurons,
 )
 from eandc.mlp import Layout, StudentBatch
 
@@ -283,3 +285,71 @@ def test_preactivation_metric_clusters_neurons_scattered_where_the_inputs_hardly
         cluster_layer(scattered, 0, 0.5, beta, input_metric=metric[:3, :3])
     with pytest.raises(ValueError, match="exclude each other"):
         cluster_layer(scattered, 0, 0.5, beta, feature_mask=np.ones(3, bool), input_metric=metric)
+
+
+def _outputs_with_mean_neuron(student, X, layer, j):
+    """Oracle: the student's outputs with hidden neuron ``j`` of ``layer`` replaced by its mean
+    over ``X``, layer by layer in numpy."""
+    act = student.activation
+    a = X.numpy()
+    for k, (w, b) in enumerate(zip(student.weights[:-1], student.biases[:-1])):
+        a = act(torch.as_tensor(a @ w.numpy().T + b.numpy())).numpy()
+        if k == layer:
+            a = a.copy()
+            a[:, j] = a[:, j].mean()
+    return a @ student.weights[-1].numpy().T + student.biases[-1].numpy()
+
+
+@pytest.mark.parametrize("activation", ["g", "tanh"])
+def test_ablation_effects_match_networks_with_the_neuron_at_its_mean(activation):
+    act = get_activation(activation)
+    layout = Layout(3, (5, 4, 6), 2)
+    gen = torch.Generator().manual_seed(0)
+    students = StudentBatch(torch.randn(3, layout.size, generator=gen, dtype=torch.float64),
+                            layout, act)
+    X = torch.randn(300, 3, generator=gen, dtype=torch.float64)
+    scale = 0.7
+    for layer in range(3):
+        effects = ablation_effects(students, layer, X, scale)
+        assert effects.shape == (3, layout.widths[layer])
+        for s in range(3):
+            student = students.student(s)
+            full = student(X).numpy()
+            for j in range(layout.widths[layer]):
+                change = _outputs_with_mean_neuron(student, X, layer, j) - full
+                assert effects[s, j] == pytest.approx(np.mean(change ** 2) / scale, rel=1e-10)
+    fewer = ablation_effects(students, 1, X, scale, max_rows=100)  # every third query
+    np.testing.assert_allclose(fewer, ablation_effects(students, 1, X[::3], scale), rtol=1e-12)
+    with pytest.raises(ValueError, match="X must be"):
+        ablation_effects(students, 0, X[:, :2], scale)
+    with pytest.raises(ValueError, match="target_scale"):
+        ablation_effects(students, 0, X, 0.0)
+
+
+def test_neurons_that_matter_less_than_the_error_do_not_vote():
+    """Every student holds, besides the planted neurons, one neuron on the same incoming vector
+    whose outgoing weights are tiny: a cluster of every student that matches no teacher neuron.
+    Students whose error exceeds what that neuron adds leave it out."""
+    teacher = random_teacher(2, [4], activation="tanh", seed=5)
+    students, origin = planted_students(teacher, 6, 12, noise=0.0)
+    weights, biases, skip = students.layout.unflatten(students.theta)
+    w0, w1 = weights[0].clone(), weights[1].clone()
+    faint_slots = [int(np.flatnonzero(origin.reshape(6, 12)[s] < 0)[0]) for s in range(6)]
+    for s, slot in enumerate(faint_slots):
+        w0[s, slot] = torch.tensor([0.3, -1.1])
+        w1[s, :, slot] = 1e-5
+    theta = students.layout.flatten([w0, w1], biases, skip)
+    faint = StudentBatch(theta, students.layout, students.activation)
+    X = torch.randn(1000, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    scale = float(teacher(X).var(dim=0, unbiased=False).mean())
+    assert cluster_layer(faint, 0, 0.5, math.pi / 6).width == 5
+    exclude = undetermined_neurons(faint, 0, X, scale, np.full(6, 1e-8))
+    assert exclude[np.arange(6), faint_slots].all()
+    assert (origin.reshape(6, 12)[exclude] < 0).all()  # the planted neurons all vote
+    assert cluster_layer(faint, 0, 0.5, math.pi / 6, exclude=exclude).width == 4
+    precise = undetermined_neurons(faint, 0, X, scale, np.full(6, 1e-14))
+    assert not precise[np.arange(6), faint_slots].any()  # they matter more than that error
+    with pytest.raises(ValueError, match="one loss per student"):
+        undetermined_neurons(faint, 0, X, scale, np.ones(5))
+    with pytest.raises(ValueError, match="exclude must be"):
+        cluster_layer(faint, 0, 0.5, math.pi / 6, exclude=exclude[:, :3])
