@@ -68,7 +68,8 @@ import torch
 
 from .activations import get_activation
 from .checkpoint import active as active_checkpoint
-from .clustering import LayerClustering, cluster_layer, min_students, preactivation_metric
+from .clustering import (LayerClustering, cluster_layer, min_students, preactivation_metric,
+                         undetermined_neurons)
 from .mlp import MLP, Layout, StudentBatch
 from .reconstruction import (
     align_output_bias,
@@ -83,7 +84,7 @@ from .reconstruction import (
 )
 from .teachers import check_inputs
 from .teachers import query as query_teacher
-from .training import TrainingReport, format_losses, init_students, train_students
+from .training import TrainingReport, _target_scale, format_losses, init_students, train_students
 
 __all__ = ["expand_and_cluster", "ExpandAndClusterResult", "find_student_widths",
            "NoClusterError"]
@@ -255,8 +256,8 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
                        progress=True, prune_network=True, feature_mask=None,
                        consensus_rounds=3, train_options=None, retrain_options=None,
                        refit_shared=False, freeze_shared=True, cluster_metric="weights",
-                       finetune_iter=300, retry_with=None, init_scale=None,
-                       checkpoint=None) -> ExpandAndClusterResult:
+                       finetune_iter=300, drop_undetermined=True, retry_with=None,
+                       init_scale=None, checkpoint=None) -> ExpandAndClusterResult:
     """Recover a black-box MLP's layer widths and weights from queries (see the module doc).
 
     ``query``: the teacher, any callable (an :class:`~eandc.MLP`, a ``torch.nn.Module``, a
@@ -289,6 +290,11 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
     lowest-loss student), which discounts weights along directions in which the layer's inputs
     hardly vary: the deep layers, whose inputs are correlated activities (no ``feature_mask``
     then: inputs that never vary get no weight anyway).
+    ``drop_undetermined``: leave out of the clustering the neurons that matter less to their
+    student's outputs than the student's own error
+    (:func:`eandc.clustering.undetermined_neurons`; our addition): the queries do not determine
+    them, and deep students far from zero loss hold nearly constant or nearly disconnected
+    neurons whose rows gather into clusters that match no teacher neuron.
     ``finetune_iter``: the most Levenberg-Marquardt iterations of the reconstructed network's
     fine-tune (a deep network's on many queries can cost tens of seconds each).
     ``prune_network``: prune the reconstructed network, complete it where it is not exact and
@@ -321,7 +327,8 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
     if cluster_metric == "preactivations" and feature_mask is not None:
         raise ValueError("feature_mask applies to cluster_metric='weights' only: the "
                          "preactivation metric gives no weight to inputs that never vary")
-    for name, flag in (("refit_shared", refit_shared), ("freeze_shared", freeze_shared)):
+    for name, flag in (("refit_shared", refit_shared), ("freeze_shared", freeze_shared),
+                       ("drop_undetermined", drop_undetermined)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be True or False, got {flag!r}")
     if retrain_options is not None and not isinstance(retrain_options, dict):
@@ -394,13 +401,19 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
             return None
         return preactivation_metric(layer_inputs(students, losses, layer, X))
 
+    def undetermined(students, losses, layer):
+        if not drop_undetermined:
+            return None
+        return undetermined_neurons(students, layer, X, _target_scale(y), losses)
+
     for layer in range(n_hidden_layers):
         mask = feature_mask if layer == 0 else None
         last = layer == n_hidden_layers - 1
         t0 = time.perf_counter()
         clustering = cluster_layer(students, layer, gamma, betas[layer], losses, mask,
                                    converged(losses, needed),
-                                   input_metric=metric(students, losses, layer))
+                                   input_metric=metric(students, losses, layer),
+                                   exclude=undetermined(students, losses, layer))
         timings["clustering"] += time.perf_counter() - t0
 
         def write_and_retrain(students, clustering, losses, layer=layer):
@@ -450,7 +463,8 @@ def expand_and_cluster(query, X, activation, n_hidden_layers=1, *, student_width
             trial_losses = trial_report.relative_losses
             trial_clustering = cluster_layer(trial, layer, gamma, betas[layer], trial_losses, mask,
                                              converged(trial_losses, needed),
-                                             input_metric=metric(trial, trial_losses, layer))
+                                             input_metric=metric(trial, trial_losses, layer),
+                                             exclude=undetermined(trial, trial_losses, layer))
             key = f"consensus layer {layer + 1}"
             timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
             log.info("layer %d consensus round %d: %d -> %d clusters", layer + 1, round_ + 1,

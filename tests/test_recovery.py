@@ -274,6 +274,38 @@ def test_shared_layers_stay_fixed_in_retraining_unless_freed(monkeypatch):
         eandc.expand_and_cluster(teacher, X, "g", 2, freeze_shared=0)
 
 
+def test_undetermined_neurons_are_left_out_of_the_clustering_unless_asked(monkeypatch):
+    """``drop_undetermined`` (default): every clustering gets the mask of
+    :func:`eandc.clustering.undetermined_neurons` for the students it clusters; ``False``
+    gives none."""
+    from eandc import recover as recover_module
+    seen = []
+    original = recover_module.cluster_layer
+
+    def recording(students, layer, *args, exclude=None, **kwargs):
+        seen.append(exclude)
+        return original(students, layer, *args, exclude=exclude, **kwargs)
+
+    monkeypatch.setattr(recover_module, "cluster_layer", recording)
+    teacher = eandc.random_teacher(2, [3], activation="tanh", seed=SEED)
+    X = eandc.gaussian_inputs(400, 2, seed=SEED + 1)
+    options = dict(student_widths=[6], n_students=4, consensus_rounds=0, progress=False, seed=0,
+                   prune_network=False, train_options={"adam_steps": 50, "max_iter": 5,
+                                                       "polish_iter": 0})
+    result = eandc.expand_and_cluster(teacher, X, "tanh", **options)
+    assert len(seen) == 1 and seen[0].shape == (4, 6)
+    students = result.students  # the expanded students
+    y = np.asarray(teacher(X))
+    expected = eandc.clustering.undetermined_neurons(students, 0, X, float(y.var(axis=0).mean()),
+                                                     result.student_losses[0])
+    np.testing.assert_array_equal(seen[0], expected)
+    seen.clear()
+    eandc.expand_and_cluster(teacher, X, "tanh", drop_undetermined=False, **options)
+    assert seen == [None]
+    with pytest.raises(TypeError, match="drop_undetermined"):
+        eandc.expand_and_cluster(teacher, X, "tanh", drop_undetermined=1)
+
+
 def test_beta_may_be_given_per_hidden_layer(monkeypatch):
     from eandc import recover as recover_module
     seen = []
