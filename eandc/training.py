@@ -67,6 +67,11 @@ GRADIENTS = {"fused": "auto", "native": "native", "chunked": "torch", "compiled"
 # Above this many parameters per student, train_students finishes with the matrix-free
 # Levenberg-Marquardt (eandc.matfree): a dense iteration costs O(n P^2 + P^3) time per student.
 DENSE_MAX_PARAMS = 4_000
+# ... and when one dense iteration's Gauss-Newton matrix costs more than this many
+# multiply-adds per student (rows x outputs x P^2): the deep MNIST network reconstructed from
+# 30-30-30 clusters (3,200 parameters, 20,000 queries x 10 logits: 2e12) took 42 s per dense
+# iteration on 2 cores, 0.2-4.4 s per matrix-free one.
+DENSE_MAX_GRAM_FLOPS = 5e11
 # Second-order training packs the students (leaves their pruned neurons out) when that removes
 # at least this share of the parameters (see packed_students).
 PACK_MIN_SAVING = 0.1
@@ -561,13 +566,15 @@ def choose_finisher(layout: Layout, n_students: int, n: int, subset_rows: int, d
     """``"dense"`` or ``"matfree"``: the Levenberg-Marquardt variant :func:`train_students` uses.
 
     ``"auto"`` picks the matrix-free one when a student has more than ``DENSE_MAX_PARAMS``
-    parameters or when the dense ``P x P`` systems would not fit in the available memory.
+    parameters, when building one student's dense ``P x P`` system on the ``n`` queries costs
+    more than ``DENSE_MAX_GRAM_FLOPS``, or when the dense systems would not fit in the available
+    memory.
     """
     if finisher not in FINISHERS:
         raise ValueError(f"unknown finisher {finisher!r}; choose one of: {', '.join(FINISHERS)}")
     if finisher != "auto":
         return finisher
-    if layout.size > DENSE_MAX_PARAMS:
+    if layout.size > DENSE_MAX_PARAMS or n * layout.d_out * layout.size ** 2 > DENSE_MAX_GRAM_FLOPS:
         return "matfree"
     need = sum(training_memory(layout, n_students, n, subset_rows, finisher="dense").values())
     free = available_memory(device)

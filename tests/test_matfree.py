@@ -13,6 +13,7 @@ from eandc.mlp import MLP, Layout
 from eandc.resources import ResourceError, check_training_memory, training_memory
 from eandc.storage import load_arrays
 from eandc.training import (
+    DENSE_MAX_PARAMS,
     choose_finisher,
     compact_students,
     frozen_parameters,
@@ -289,6 +290,10 @@ def test_finisher_choice():
     mnist = Layout(784, (64,), 10)
     assert choose_finisher(mnist, 10, 30_000, 30_000) == "matfree"
     assert choose_finisher(Layout(2, (6,), 1), 4, 2000, 1000) == "dense"
+    deep = Layout(30, (30, 30, 31), 10)  # few parameters, but a costly Gauss-Newton matrix
+    assert deep.size < DENSE_MAX_PARAMS
+    assert choose_finisher(deep, 1, 20_000, 20_000) == "matfree"
+    assert choose_finisher(deep, 1, 2_000, 2_000) == "dense"
     assert choose_finisher(mnist, 10, 30_000, 30_000, finisher="dense") == "dense"
     assert choose_finisher(Layout(2, (6,), 1), 4, 2000, 1000, finisher="matfree") == "matfree"
     with pytest.raises(ValueError, match="unknown finisher"):
