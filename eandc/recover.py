@@ -68,8 +68,13 @@ import torch
 
 from .activations import get_activation
 from .checkpoint import active as active_checkpoint
-from .clustering import (LayerClustering, cluster_layer, min_students, preactivation_metric,
-                         undetermined_neurons)
+from .clustering import (
+    LayerClustering,
+    cluster_layer,
+    min_students,
+    preactivation_metric,
+    undetermined_neurons,
+)
 from .mlp import MLP, Layout, StudentBatch
 from .reconstruction import (
     align_output_bias,
