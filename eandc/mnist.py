@@ -100,7 +100,7 @@ DEFAULTS = {
 LATER_DEFAULTS = {"teacher_bias_std": 1.0, "input_subspace": False, "input_polish_iter": 0,
                   "input_whitening": False, "retrain_options": None, "refit_shared": False,
                   "freeze_shared": True, "cluster_metric": "weights", "prune_network": True,
-                  "finetune_iter": 300}
+                  "finetune_iter": 300, "drop_undetermined": True}
 
 STANDARD_TRAINING = {"finisher": "matfree", "max_iter": 12, "polish_iter": 10, "cg_dtype": "float32"}
 CONTRAST_QUERIES = {"images": True, "contrast": 10_000}
@@ -308,7 +308,8 @@ def recover_mnist_teacher(config: dict, checkpoint=None):
                    consensus_rounds=c["consensus_rounds"], checkpoint=checkpoint,
                    **{key: c.get(key, LATER_DEFAULTS[key])
                       for key in ("retrain_options", "refit_shared", "freeze_shared",
-                                  "cluster_metric", "prune_network", "finetune_iter")})
+                                  "cluster_metric", "prune_network", "finetune_iter",
+                                  "drop_undetermined")})
     subspace = c.get("input_subspace", LATER_DEFAULTS["input_subspace"])
     try:
         if subspace:  # every pixel's weight is determined: no mask (eandc.subspace)
