@@ -76,6 +76,10 @@ __all__ = ["LayerClustering", "Cluster", "cluster_layer", "neuron_features", "pa
 log = logging.getLogger(__name__)
 
 ABLATION_ROWS = 2000  # queries that ablation_effects reads (evenly spaced)
+# undetermined_neurons tests only the students at or below this relative loss (the deep MNIST
+# students: 2e-4 to 3e-4 after the expansion, 5e-7 to 1e-6 before the third layer's clustering;
+# students of a few dozen steps, at 1e-2 to 1, would lose nearly every neuron).
+UNDETERMINED_MAX_LOSS = 1e-3
 
 
 def min_students(gamma: float, n_students: int) -> int:
@@ -225,19 +229,28 @@ def ablation_effects(students: StudentBatch, layer: int, X, target_scale: float,
 
 
 def undetermined_neurons(students: StudentBatch, layer: int, X, target_scale: float,
-                         student_losses) -> np.ndarray:
+                         student_losses, max_loss: float = UNDETERMINED_MAX_LOSS) -> np.ndarray:
     """``(N, width)`` mask of the neurons that matter less to their student than its own
     error: :func:`ablation_effects` at most the student's relative loss. The queries cannot
     tell such a neuron's incoming vector from many others (the student fits them no better
     than it would without the neuron), so it must not vote in the clustering. A student at
     the loss floor keeps every neuron that does anything; a deep student far from it loses
     its nearly constant (saturated) or nearly disconnected neurons, whose rows would otherwise
-    gather into clusters that match no teacher neuron."""
+    gather into clusters that match no teacher neuron. A student whose relative loss is above
+    ``max_loss`` keeps all its neurons: far from any solution, each of its neurons can matter
+    less than its error, and the test says nothing."""
     losses = np.asarray(student_losses, dtype=np.float64)
     if losses.shape != (students.n_students,):
         raise ValueError(f"student_losses needs one loss per student ({students.n_students}), "
                          f"got shape {losses.shape}")
-    return ablation_effects(students, layer, X, target_scale) <= losses[:, None]
+    near = losses <= max_loss
+    undetermined = np.zeros((students.n_students, students.widths[layer]), dtype=bool)
+    if near.any():
+        effects = ablation_effects(StudentBatch(students.theta[torch.as_tensor(near)],
+                                                students.layout, students.activation),
+                                   layer, X, target_scale)
+        undetermined[near] = effects <= losses[near, None]
+    return undetermined
 
 
 def canonical_signs(features: np.ndarray, seed: int = 0, tries: int = 16) -> np.ndarray:

@@ -349,6 +349,9 @@ def test_neurons_that_matter_less_than_the_error_do_not_vote():
     assert cluster_layer(faint, 0, 0.5, math.pi / 6, exclude=exclude).width == 4
     precise = undetermined_neurons(faint, 0, X, scale, np.full(6, 1e-14))
     assert not precise[np.arange(6), faint_slots].any()  # they matter more than that error
+    far = undetermined_neurons(faint, 0, X, scale, np.array([1e-8] * 3 + [1e-2] * 3))
+    np.testing.assert_array_equal(far[:3], exclude[:3])
+    assert not far[3:].any()  # students far from a solution keep every neuron
     with pytest.raises(ValueError, match="one loss per student"):
         undetermined_neurons(faint, 0, X, scale, np.ones(5))
     with pytest.raises(ValueError, match="exclude must be"):
