@@ -76,6 +76,7 @@ __all__ = ["LayerClustering", "Cluster", "cluster_layer", "neuron_features", "pa
 log = logging.getLogger(__name__)
 
 ABLATION_ROWS = 2000  # queries that ablation_effects reads (evenly spaced)
+ABLATION_ELEMENTS = 1 << 24  # activities held at once by ablation_effects below the last layer
 # undetermined_neurons tests only the students at or below this relative loss (the deep MNIST
 # students: 2e-4 to 3e-4 after the expansion, 5e-7 to 1e-6 before the third layer's clustering;
 # students of a few dozen steps, at 1e-2 to 1, would lose nearly every neuron).
@@ -214,17 +215,21 @@ def ablation_effects(students: StudentBatch, layer: int, X, target_scale: float,
         if layer == len(weights) - 2:
             outgoing = weights[-1].square().sum(dim=1)  # (N, width)
             effects = centred.square().mean(dim=1) * outgoing / n_out
-        else:  # one student at a time: (width, n, width) activities with neuron j at its mean
-            eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-            effects = torch.empty(a.shape[0], a.shape[-1], dtype=a.dtype, device=a.device)
+        else:  # per student and block of neurons j: (block, n, width) activities, j at its mean
+            width = a.shape[-1]
+            block = max(1, ABLATION_ELEMENTS // (X.shape[0] * max(students.widths)))
+            eye = torch.eye(width, dtype=a.dtype, device=a.device)
+            effects = torch.empty(a.shape[0], width, dtype=a.dtype, device=a.device)
             for s in range(a.shape[0]):
-                full = a[s]
-                cut = full - centred[s].T[..., None] * eye[:, None, :]
+                above = a[s]
                 for w, b in zip(weights[layer + 1:-1], biases[layer + 1:-1]):
-                    full = act(full @ w[s].T + b[s])
-                    cut = act(cut @ w[s].T + b[s])
-                change = (cut - full) @ weights[-1][s].T  # the output bias cancels
-                effects[s] = change.square().mean(dim=(1, 2))
+                    above = act(above @ w[s].T + b[s])
+                for j in range(0, width, block):
+                    cut = a[s] - centred[s].T[j:j + block, :, None] * eye[j:j + block, None, :]
+                    for w, b in zip(weights[layer + 1:-1], biases[layer + 1:-1]):
+                        cut = act(cut @ w[s].T + b[s])
+                    change = (cut - above) @ weights[-1][s].T  # the output bias cancels
+                    effects[s, j:j + block] = change.square().mean(dim=(1, 2))
     return (effects / target_scale).cpu().numpy()
 
 

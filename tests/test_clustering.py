@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from eandc import clustering as clustering_module
 from eandc import random_teacher
 from eandc.activations import get_activation
 from eandc.clustering import (
@@ -301,7 +302,7 @@ def _outputs_with_mean_neuron(student, X, layer, j):
 
 
 @pytest.mark.parametrize("activation", ["g", "tanh"])
-def test_ablation_effects_match_networks_with_the_neuron_at_its_mean(activation):
+def test_ablation_effects_match_networks_with_the_neuron_at_its_mean(activation, monkeypatch):
     act = get_activation(activation)
     layout = Layout(3, (5, 4, 6), 2)
     gen = torch.Generator().manual_seed(0)
@@ -309,8 +310,10 @@ def test_ablation_effects_match_networks_with_the_neuron_at_its_mean(activation)
                             layout, act)
     X = torch.randn(300, 3, generator=gen, dtype=torch.float64)
     scale = 0.7
+    whole = []
     for layer in range(3):
         effects = ablation_effects(students, layer, X, scale)
+        whole.append(effects)
         assert effects.shape == (3, layout.widths[layer])
         for s in range(3):
             student = students.student(s)
@@ -318,6 +321,8 @@ def test_ablation_effects_match_networks_with_the_neuron_at_its_mean(activation)
             for j in range(layout.widths[layer]):
                 change = _outputs_with_mean_neuron(student, X, layer, j) - full
                 assert effects[s, j] == pytest.approx(np.mean(change ** 2) / scale, rel=1e-10)
+    monkeypatch.setattr(clustering_module, "ABLATION_ELEMENTS", 300 * 6 * 2)  # blocks of 2
+    np.testing.assert_allclose(ablation_effects(students, 0, X, scale), whole[0], rtol=1e-12)
     fewer = ablation_effects(students, 1, X, scale, max_rows=100)  # every third query
     np.testing.assert_allclose(fewer, ablation_effects(students, 1, X[::3], scale), rtol=1e-12)
     with pytest.raises(ValueError, match="X must be"):
