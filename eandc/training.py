@@ -11,8 +11,9 @@ whatever the scale of the teacher.
    initialisation cheaply.
 2. :func:`levenberg_marquardt`: Levenberg-Marquardt with one damping factor per student. Each
    iteration builds the Gauss-Newton matrix ``J^T J`` and gradient ``J^T r`` from analytic
-   Jacobians, accumulated over chunks of samples so memory stays bounded, and solves one
-   ``P x P`` system per student (batched Cholesky). A student stops costing time once it reaches
+   Jacobians, accumulated over chunks of samples so memory stays bounded (for one hidden layer
+   and several outputs, by :mod:`eandc.gram`, which sums over the outputs first), and solves
+   one ``P x P`` system per student (batched Cholesky). A student stops costing time once it reaches
    the loss floor, stops improving, or runs out of iterations.
 
 :func:`train_students` chains them: Adam and LM on a random subset of the queries (cheap), then
@@ -42,6 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint
+from . import gram as shallow_gram
 from .activations import Activation
 from .fast import chosen_backend, loss_and_gradient
 from .mlp import Layout, StudentBatch, forward
@@ -333,8 +335,24 @@ def merge_neurons(activation, w, b, w_next, b_next, j, k, sign, skip):
     zero_neuron(w, b, w_next, j)
 
 
+def structured_gram(layout: Layout) -> bool:
+    """True when the students' Gauss-Newton matrices are built by :mod:`eandc.gram` (one
+    hidden layer and several outputs: the sum over the outputs is taken first), else from the
+    Jacobian."""
+    return shallow_gram.applies(layout) and layout.d_out > 1
+
+
+def gram_multiply_adds(layout: Layout, n: int) -> float:
+    """Multiply-adds of one student's dense Gauss-Newton matrix on ``n`` samples."""
+    if structured_gram(layout):
+        return shallow_gram.gram_multiply_adds(layout, n)
+    return float(n) * layout.d_out * layout.size ** 2
+
+
 def _gauss_newton(theta, layout, activation, X, y):
     """(J^T J, J^T r, sum of squared residuals) per student, accumulated over sample chunks."""
+    if structured_gram(layout):
+        return shallow_gram.gauss_newton(theta, layout, activation, X, y)
     n_students, n_params = theta.shape
     gram = torch.zeros(n_students, n_params, n_params, dtype=theta.dtype, device=theta.device)
     grad = torch.zeros(n_students, n_params, dtype=theta.dtype, device=theta.device)
@@ -574,7 +592,7 @@ def choose_finisher(layout: Layout, n_students: int, n: int, subset_rows: int, d
         raise ValueError(f"unknown finisher {finisher!r}; choose one of: {', '.join(FINISHERS)}")
     if finisher != "auto":
         return finisher
-    if layout.size > DENSE_MAX_PARAMS or n * layout.d_out * layout.size ** 2 > DENSE_MAX_GRAM_FLOPS:
+    if layout.size > DENSE_MAX_PARAMS or gram_multiply_adds(layout, n) > DENSE_MAX_GRAM_FLOPS:
         return "matfree"
     need = sum(training_memory(layout, n_students, n, subset_rows, finisher="dense").values())
     free = available_memory(device)
