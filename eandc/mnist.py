@@ -31,18 +31,18 @@ Status (measured on the 2-core CPU, 2 threads; the runs stored in results/mnist)
 teacher (tanh 784-2-10, 46% accuracy on the held-out images) is recovered exactly from 1,000
 images and 2,000 noise overlays by 4 students 784-4-10 in 88 s. Every shallow teacher of the
 standard profile (784-16-10; 93.4-94.0% held-out accuracy) is recovered exactly by 4 students
-784-64-10: width 16, every neuron within cosine distance 7e-16 of the teacher's, argmax
-agreement 100%. The tanh and sigmoid teachers take the 10,000 images and 2,000 noise
-overlays. The g, softplus and ReLU teachers are nearly linear on those queries (an affine map
-of the queries explains 97.8-98.9% of their logits' variance, 91% for tanh and sigmoid:
-``benchmarks/mnist_linearity.py``), and their students crawled; they take the images and
-10,000 contrast queries, stages of 30 iterations. In the whitened coordinates of their input
-subspace, g, tanh, sigmoid and ReLU take 272 s, 18 s, 51 s and 210 s (with 5
-Levenberg-Marquardt iterations on the pixels that take the subspace's finite-difference error
-out: held-out relative logit RMSE 9e-16 to 2e-15); in raw subspace coordinates 252 s, 43 s,
-55 s and 333 s, in pixel space 1,208 s, 286 s, 364 s and 4,712 s (both stored too). The
-softplus students stalled in raw subspace coordinates and were not robust in whitened ones
-(README), and that teacher is recovered in pixel space in 1,382 s.
+16-64-10 in the whitened coordinates of its input subspace: width 16, every neuron within
+cosine distance 6e-16 of the teacher's, argmax agreement 100%. The tanh and sigmoid teachers
+take the 10,000 images and 2,000 noise overlays. The g, softplus and ReLU teachers are nearly
+linear on those queries (an affine map of the queries explains 97.8-98.9% of their logits'
+variance, 91% for tanh and sigmoid: ``benchmarks/mnist_linearity.py``), and their students
+crawled; they take the images and 10,000 contrast queries, stages of 30 iterations. With the
+dense finisher (its matrices by :mod:`eandc.gram`), g, tanh, sigmoid, softplus and ReLU take
+67 s, 20 s, 19 s, 142 s and 118 s (with 5 Levenberg-Marquardt iterations on the pixels that
+take the subspace's finite-difference error out: held-out relative logit RMSE 1e-15 to 3e-15);
+with the matrix-free finisher 272 s, 18 s, 51 s, not robust and 210 s, in raw subspace
+coordinates 252 s, 43 s, 55 s, stalled and 333 s, in pixel space 1,208 s, 286 s, 364 s,
+1,382 s and 4,712 s (all stored too; README).
 The deep teacher (784-30-30-30-10, g, ``DEEP_OPTIONS``) is recovered layer by layer in its
 whitened subspace with widths 30-30-32 (overhead 2.2%), median cosine distances per layer
 8e-8, 9e-8 and 3e-5, held-out relative logit RMSE 6.7e-5 and argmax agreement 100%, in 1,022 s
@@ -104,7 +104,12 @@ LATER_DEFAULTS = {"teacher_bias_std": 1.0, "input_subspace": False, "input_polis
                   "freeze_shared": True, "cluster_metric": "weights", "prune_network": True,
                   "finetune_iter": 300, "drop_undetermined": True}
 
-STANDARD_TRAINING = {"finisher": "matfree", "max_iter": 12, "polish_iter": 10, "cg_dtype": "float32"}
+# The shallow students in their teacher's whitened input subspace (16-64-10, 1,738 parameters;
+# 1,898 with softplus's linear term) take the dense Levenberg-Marquardt finisher: their
+# Gauss-Newton matrices built by eandc.gram cost n (H(d+1) + H + 1 + d)^2 multiply-adds, not
+# n d_out P^2. With it the g teacher's expansion took 47 s instead of 203 s with the matrix-free
+# one (stages of 30 iterations), three of its four students at 1e-30 instead of none below 1e-13.
+STANDARD_TRAINING = {"finisher": "dense", "max_iter": 12, "polish_iter": 10}
 CONTRAST_QUERIES = {"images": True, "contrast": 10_000}
 # The options of the teachers whose logits are nearly linear on the images (see "standard").
 CONTRAST_OPTIONS = {"queries": CONTRAST_QUERIES, "train_options": {**STANDARD_TRAINING, "max_iter": 30}}
@@ -117,10 +122,6 @@ RELU_TEACHER = {"teacher_bias_std": 0.0}
 # (eandc.subspace.expand_and_cluster_in_subspace): they take the subspace's finite-difference
 # error out of the held-out logits (relative RMSE 1e-12, 1e-9 for ReLU, without them).
 SUBSPACE_POLISH = 5
-# The softplus teacher stays in pixel space (README): its students stall in the subspace's raw
-# coordinates and, whitened, recovered it once and missed it once (12 neurons) when only the
-# rounding of the whitening's inverse differed.
-PIXEL_SPACE = {"input_subspace": False, "input_polish_iter": 0, "input_whitening": False}
 # The deep teacher (its 4 students 30-90-90-90-10 in whitened subspace coordinates;
 # benchmarks/mnist_deep.py measures the expansion and the second layer's retraining and
 # clustering under each choice below): second-order steps crawl on these students, so they train by
@@ -152,23 +153,23 @@ PROFILES = {
               "options": {"n_students": 4, "queries": {"images": 1_000, "noise": 2_000},
                           "train_options": {"finisher": "matfree", "max_iter": 60,
                                             "polish_iter": 20}}},
-    # 4 students (2 must agree), the 10,000 images and 2,000 noise overlays (120,000 logits for
-    # 50,890 parameters per student), stages of 12 matrix-free iterations with float32 products.
-    # g, softplus and ReLU: on the images and noise overlays, a linear map explains 97.8-98.9% of
+    # 4 students (2 must agree), the 10,000 images and 2,000 noise overlays (120,000 logits),
+    # stages of 12 iterations. In pixel space (784-64-10 students, 50,890 parameters, the
+    # matrix-free finisher with float32 products), g, softplus and ReLU: on the images and noise
+    # overlays, a linear map explains 97.8-98.9% of
     # their logits' variance (tanh, sigmoid: 91%), and their students crawled (relative losses
     # 1e-4 to 1e-3 after 12 iterations, 6e-7 to 2e-4 and 8 bogus clusters of 16 for g after 40):
     # they take 10,000 contrast queries instead of noise overlays (their neurons' preactivations
     # swept through the bend: one g neuron's preactivation is in [-2, 2] on 5% of the images
     # and noise overlays, on 24% of the images and 10,000 contrast queries) and stages of 30;
-    # the deep g teacher takes them too. Every teacher but softplus is recovered in the whitened
-    # coordinates of its input subspace (eandc.subspace: 272 s against 1,208 s in pixel space
-    # for g, 210 s against 4,712 s for ReLU); the softplus students stalled in raw subspace
-    # coordinates (none below 1e-8 after the expansion, their first-layer neurons cut into 13
-    # to 32 clusters of 16) and were not robust in whitened ones (README), so it stays in
-    # pixel space.
+    # the deep g teacher takes them too. Every teacher is recovered in the whitened coordinates
+    # of its input subspace (eandc.subspace), the shallow ones by the dense finisher (see
+    # STANDARD_TRAINING: 67 s for g, 1,208 s in pixel space; 118 s for ReLU, 4,712 s). With the
+    # matrix-free finisher the softplus students stalled in raw subspace coordinates (none below
+    # 1e-8 after the expansion, their first-layer neurons cut into 13 to 32 clusters of 16) and
+    # were not robust in whitened ones (README): that teacher took 1,382 s in pixel space.
     "standard": {"teachers": [(a, [16], 4) if a in ("tanh", "sigmoid") else
-                              (a, [16], 4, {**CONTRAST_OPTIONS, **(RELU_TEACHER if a == "relu" else {}),
-                                            **(PIXEL_SPACE if a == "softplus" else {})})
+                              (a, [16], 4, {**CONTRAST_OPTIONS, **(RELU_TEACHER if a == "relu" else {})})
                               for a in SHALLOW_ACTIVATIONS]
                  + [("g", DEEP_WIDTHS, 3, DEEP_OPTIONS)],
                  "options": {"n_students": 4, "queries": {"images": True, "noise": 2_000},

@@ -28,7 +28,9 @@ def test_profiles_hold_the_issue_teachers():
         mnist.configs("huge")
     in_subspace = [c for c in standard if c.get("input_subspace")]
     assert {c["activation"] for c in in_subspace if len(c["widths"]) == 1} == \
-        {"g", "tanh", "sigmoid", "relu"}  # softplus stays in pixel space
+        {"g", "tanh", "sigmoid", "softplus", "relu"}
+    assert all(c["train_options"]["finisher"] == "dense" for c in in_subspace
+               if len(c["widths"]) == 1)
     assert all(c.get("input_whitening") and c.get("input_polish_iter") == mnist.SUBSPACE_POLISH
                for c in in_subspace)
     assert mnist.configs("standard", {"seed": 0}) == standard  # the default seed: same runs
