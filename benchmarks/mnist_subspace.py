@@ -3,14 +3,14 @@
 Each shallow teacher of ``eandc.mnist``'s standard profile (784-16-10; g, tanh, sigmoid,
 softplus, ReLU), with its own query set and training options, recovered with
 ``input_subspace`` on (``eandc.subspace``) and the profile's subspace options (whitened
-coordinates, ``input_polish_iter``; softplus too, which the profile keeps in pixel space;
-``--overrides`` can change them): the black box is first probed by finite differences
-along every pixel at a few images, and the students (16-64-10) take the queries' coordinates in
-the span of the Jacobians' rows. Records per teacher the recovered widths, the cosine distances
-on every pixel (no mask), argmax agreement on the held-out images, the subspace dimension, the
-probe queries, the phases' seconds and the wall time; the wall time of the stored pixel-space run
-of the same teacher (under ``results/mnist``, another day: this machine's speed varies
-between runs) is printed beside it, without a ratio::
+coordinates, ``input_polish_iter``; ``--overrides`` can change them): the black box is first
+probed by finite differences along every pixel at a few images, and the students (16-64-10)
+take the queries' coordinates in the span of the Jacobians' rows. Records per teacher the
+recovered widths, the cosine distances on every pixel (no mask), argmax agreement on the
+held-out images, the subspace dimension, the probe queries, the phases' seconds and the wall
+time; the wall time of the stored pixel-space run of the same teacher (under
+``results/mnist``, another day: this machine's speed varies between runs) is printed beside
+it, without a ratio::
 
     EANDC_DATA=../shared/data/mnist python benchmarks/mnist_subspace.py [--activations tanh,relu]
         [--overrides '{"seed": 1}']
@@ -20,8 +20,10 @@ pixels and reports the held-out RMSE after them (the subspace's finite-differenc
 the lifted weights; the iterations remove it where the queries vary). The profile's
 configurations already take ``input_polish_iter`` such iterations inside the recovery; to see
 the RMSE before and after them, ``--overrides '{"input_polish_iter": 0}' --polish 5``.
-``--overrides`` sets configuration keys of every teacher (its training options included:
-``'{"train_options": {"finisher": "matfree", "max_iter": 60}}'`` replaces them whole).
+``--overrides`` sets configuration keys of every teacher; training options are merged into
+each teacher's own (``eandc.mnist.configs``): ``'{"train_options": {"finisher": "matfree",
+"cg_dtype": "float32"}}'`` (``eandc.mnist.MATRIX_FREE``) gives the runs with the matrix-free
+finisher stored before the profile took the dense one.
 
 Prints a table and writes ``benchmarks/results/mnist_subspace-<date>-<time>.json``.
 """
@@ -55,8 +57,10 @@ KEYS = ("widths", "clustered_widths", "median_cosine_distance", "max_cosine_dist
 
 def stored_pixel_seconds() -> dict:
     """Wall seconds of the stored pixel-space runs of the standard shallow teachers (the
-    profile's configurations with ``input_subspace`` off), by activation."""
-    pixels = {"input_subspace": False, "input_polish_iter": 0, "input_whitening": False}
+    profile's configurations with ``input_subspace`` off and the matrix-free finisher), by
+    activation."""
+    pixels = {"input_subspace": False, "input_polish_iter": 0, "input_whitening": False,
+              **mnist.MATRIX_FREE}
     shallow = mnist.select_teachers(mnist.configs("standard", pixels), "shallow")
     return {r["config"]["activation"]: r["wall_seconds"]
             for r in stored_rows(shallow, mnist.TASK, kind=mnist.KIND, root=ROOT / "results")

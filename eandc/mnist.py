@@ -110,6 +110,11 @@ LATER_DEFAULTS = {"teacher_bias_std": 1.0, "input_subspace": False, "input_polis
 # n d_out P^2. With it the g teacher's expansion took 47 s instead of 203 s with the matrix-free
 # one (stages of 30 iterations), three of its four students at 1e-30 instead of none below 1e-13.
 STANDARD_TRAINING = {"finisher": "dense", "max_iter": 12, "polish_iter": 10}
+# Options that configs(overrides=) merges into a teacher's own instead of replacing them.
+MERGED_OPTIONS = ("train_options", "retrain_options")
+# Merged into the standard shallow teachers' training options, these give the configurations of
+# their runs with the matrix-free finisher (float32 products), stored before the dense finisher.
+MATRIX_FREE = {"train_options": {"finisher": "matfree", "cg_dtype": "float32"}}
 CONTRAST_QUERIES = {"images": True, "contrast": 10_000}
 # The options of the teachers whose logits are nearly linear on the images (see "standard").
 CONTRAST_OPTIONS = {"queries": CONTRAST_QUERIES, "train_options": {**STANDARD_TRAINING, "max_iter": 30}}
@@ -220,13 +225,23 @@ def normalize(config: dict) -> dict:
 
 def configs(profile: str = "standard", overrides: dict | None = None) -> list[dict]:
     """The configurations of :func:`recover_mnist_teacher` for the teachers of ``profile``,
-    with ``overrides`` (for example ``{"seed": 1}``) applied to every one."""
+    with ``overrides`` (for example ``{"seed": 1}``) applied to every one. The training options
+    (``MERGED_OPTIONS``) are merged into each teacher's own rather than replacing them:
+    ``{"train_options": {"finisher": "matfree", "cg_dtype": "float32"}}`` keeps each teacher's
+    iterations (the configurations of the standard shallow runs stored before the dense
+    finisher)."""
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of: {', '.join(PROFILES)}")
     spec = PROFILES[profile]
-    return [normalize({**spec["options"], "activation": a, "widths": list(w), "rho": rho,
-                       **(own[0] if own else {}), **(overrides or {})})
-            for a, w, rho, *own in spec["teachers"]]
+    result = []
+    for a, w, rho, *own in spec["teachers"]:
+        config = {**spec["options"], "activation": a, "widths": list(w), "rho": rho,
+                  **(own[0] if own else {})}
+        for key, value in (overrides or {}).items():
+            merge = key in MERGED_OPTIONS and isinstance(value, dict) and isinstance(config.get(key), dict)
+            config[key] = {**config[key], **value} if merge else value
+        result.append(normalize(config))
+    return result
 
 
 def build_queries(images: np.ndarray, queries: dict, seed: int = 0) -> np.ndarray:

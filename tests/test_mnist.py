@@ -34,6 +34,12 @@ def test_profiles_hold_the_issue_teachers():
     assert all(c.get("input_whitening") and c.get("input_polish_iter") == mnist.SUBSPACE_POLISH
                for c in in_subspace)
     assert mnist.configs("standard", {"seed": 0}) == standard  # the default seed: same runs
+    # training options are merged into each teacher's own: its iterations stay
+    matrix_free = mnist.select_teachers(mnist.configs("standard", mnist.MATRIX_FREE), "shallow")
+    assert [c["train_options"] for c in matrix_free] == [
+        {"finisher": "matfree", "max_iter": 30 if c["activation"] in ("g", "softplus", "relu")
+         else 12, "polish_iter": 10, "cg_dtype": "float32"} for c in matrix_free]
+    assert mnist.configs("standard", {"queries": {"images": True}})[0]["queries"] == {"images": True}
     assert {c["seed"] for c in mnist.configs("standard", {"seed": 3})} == {3}
     with pytest.raises(ValueError, match="unknown configuration key"):
         mnist.configs("smoke", {"sed": 3})
