@@ -16,9 +16,10 @@ everything, and the sum over them can be taken first:
   is ``delta_kk' * sum_n F_f F_f'``, the same ``F^T F`` for every output;
 * between the two, ``v_kj * sum_n s_j x_i F_f``.
 
-The first-layer sums depend on the unordered pairs ``{j, j'}`` and ``{i, i'}`` only, so they are
-accumulated as one matrix product of neuron pairs by input pairs per chunk of samples. A
-matrix then costs about ``n (H^2 (d+1)^2 / 4 + H (d+1) (H+1+d) + (H+1+d)^2)`` multiply-adds
+The first-layer sums depend on the unordered pairs ``{j, j'}`` and ``{i, i'}`` only, so, for
+up to ``PAIRS_MAX_INPUTS`` inputs, they are accumulated as one matrix product of neuron pairs by
+input pairs per chunk of samples (with more inputs, MNIST's pixels, as the product of the
+whole block). A matrix then costs about ``n (H^2 (d+1)^2 / 4 + H (d+1) (H+1+d) + (H+1+d)^2)`` multiply-adds
 (:func:`gram_multiply_adds`) instead of ``n d_out P^2``: for a student 16-64-10 of the MNIST
 chapter (in its teacher's input subspace), about 80 times less. The result is the same matrix
 (tested against the Jacobian's to 1e-12), in the flat parameter order of
@@ -36,6 +37,9 @@ __all__ = ["applies", "gauss_newton", "gram_multiply_adds", "natural_order"]
 
 # Elements of one chunk's (students x samples x first-layer parameters) tensor.
 CHUNK_ELEMENTS = 4_000_000
+# The first-layer block is summed over pairs of inputs up to this many inputs (bias included):
+# a chunk holds (inputs + 1)(inputs + 2)/2 products per sample, 308,505 for MNIST's pixels.
+PAIRS_MAX_INPUTS = 128
 
 
 def applies(layout: Layout) -> bool:
@@ -48,14 +52,23 @@ def _feature_count(layout: Layout) -> int:
     return layout.widths[0] + 1 + (layout.d_in if layout.skip else 0)
 
 
+def _uses_pairs(layout: Layout) -> bool:
+    """Whether the first-layer block is summed over pairs of neurons and pairs of inputs (up to
+    ``PAIRS_MAX_INPUTS`` inputs) or as one product of the whole block."""
+    return layout.d_in + 1 <= PAIRS_MAX_INPUTS
+
+
 def gram_multiply_adds(layout: Layout, n: int) -> float:
     """Multiply-adds of one student's matrix on ``n`` samples, as :func:`gauss_newton` computes
-    it: the first-layer block (pairs of neurons x pairs of inputs), the cross block and the
-    output block."""
+    it: the first-layer block (pairs of neurons x pairs of inputs, or the whole block with many
+    inputs), the cross block and the output block."""
     H, d = layout.widths[0], layout.d_in
     first, features = H * (d + 1), _feature_count(layout)
-    pairs = (H * (H + 1) // 2) * ((d + 1) * (d + 2) // 2)
-    return float(n) * (pairs + first * features + features * features)
+    if _uses_pairs(layout):
+        first_block = (H * (H + 1) // 2) * ((d + 1) * (d + 2) // 2)
+    else:
+        first_block = first * first
+    return float(n) * (first_block + first * features + features * features)
 
 
 def natural_order(layout: Layout) -> torch.Tensor:
@@ -118,16 +131,22 @@ def gauss_newton(theta: torch.Tensor, layout: Layout, activation: Activation, X:
     w1, b1, v, b2 = weights[0], biases[0], weights[1], biases[1]
     n_first, n_feat = H * (d + 1), _feature_count(layout)
     dtype, device = theta.dtype, theta.device
-    # sum_n s_j s_j' x_i x_i' depends on the unordered pairs {j, j'} and {i, i'} only: it is
-    # accumulated as (pairs of neurons) x (pairs of inputs), a quarter of the products
+    # sum_n s_j s_j' x_i x_i' depends on the unordered pairs {j, j'} and {i, i'} only: with few
+    # inputs it is accumulated as (pairs of neurons) x (pairs of inputs), a quarter of the
+    # products; with many, as the product of the whole block (the pairs would not fit a chunk)
+    pairs = _uses_pairs(layout)
     n_neuron_pairs, n_input_pairs = H * (H + 1) // 2, (d + 1) * (d + 2) // 2
-    R = torch.zeros(N, n_neuron_pairs, n_input_pairs, dtype=dtype, device=device)
+    if pairs:
+        R = torch.zeros(N, n_neuron_pairs, n_input_pairs, dtype=dtype, device=device)
+    else:
+        M = torch.zeros(N, n_first, n_first, dtype=dtype, device=device)
     C = torch.zeros(N, n_first, n_feat, dtype=dtype, device=device)    # sum s x F
     Q = torch.zeros(N, n_feat, n_feat, dtype=dtype, device=device)     # sum F F'
     g1 = torch.zeros(N, H, d + 1, dtype=dtype, device=device)
     g2 = torch.zeros(N, K, n_feat, dtype=dtype, device=device)
     sse = torch.zeros(N, dtype=dtype, device=device)
-    rows = max(64, CHUNK_ELEMENTS // max(1, N * max(n_first, n_neuron_pairs)))
+    widest = max(N * n_first, N * n_neuron_pairs + n_input_pairs if pairs else 0)
+    rows = max(64, CHUNK_ELEMENTS // max(1, widest))
     for start in range(0, X.shape[0], rows):
         x = X[start:start + rows]
         m = x.shape[0]
@@ -142,7 +161,10 @@ def gauss_newton(theta: torch.Tensor, layout: Layout, activation: Activation, X:
         r = out - y[start:start + m]                                         # (N, m, K)
         A = (s[:, :, :, None] * x1[None, :, None, :]).reshape(N, m, n_first)
         At = A.transpose(1, 2)
-        R += _pair_products(s).transpose(1, 2) @ _pair_products(x1)
+        if pairs:
+            R += _pair_products(s).transpose(1, 2) @ _pair_products(x1)
+        else:
+            M += At @ A
         C += At @ F
         Q += F.transpose(1, 2) @ F
         g1 += ((r @ v) * s).transpose(1, 2) @ x1
@@ -152,7 +174,8 @@ def gauss_newton(theta: torch.Tensor, layout: Layout, activation: Activation, X:
     coupling = (v.transpose(1, 2) @ v).repeat_interleave(d + 1, 1).repeat_interleave(d + 1, 2)
     cross = v.transpose(1, 2).repeat_interleave(d + 1, 1)                  # (N, n_first, K)
     gram_natural = torch.empty(N, P, P, dtype=dtype, device=device)
-    gram_natural[:, :n_first, :n_first] = coupling * R.flatten(1)[:, _pair_lookup(H, d + 1)]
+    first_block = R.flatten(1)[:, _pair_lookup(H, d + 1)] if pairs else M
+    gram_natural[:, :n_first, :n_first] = coupling * first_block
     # cross block: row (j, i), column (k, f) = v_kj C[(j, i), f]
     block = (cross[:, :, :, None] * C[:, :, None, :]).reshape(N, n_first, K * n_feat)
     gram_natural[:, :n_first, n_first:] = block

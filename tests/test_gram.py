@@ -44,6 +44,24 @@ def test_matches_the_jacobian_to_1e_12(activation, skip, d_out, monkeypatch):
     assert float((got[0] - got[0].transpose(1, 2)).abs().max() / got[0].abs().max()) < 1e-14
 
 
+@pytest.mark.parametrize("pairs_max_inputs", [128, 3], ids=["pairs", "whole-block"])
+def test_many_inputs_take_the_whole_block(pairs_max_inputs, monkeypatch):
+    """Above PAIRS_MAX_INPUTS inputs the first-layer block is one product: the same matrix."""
+    monkeypatch.setattr(gram, "PAIRS_MAX_INPUTS", pairs_max_inputs)
+    layout = Layout(5, (4,), 3, skip=True)
+    gen = torch.Generator().manual_seed(5)
+    theta = torch.randn(2, layout.size, dtype=torch.float64, generator=gen)
+    X = torch.randn(90, 5, dtype=torch.float64, generator=gen)
+    y = torch.randn(90, 3, dtype=torch.float64, generator=gen)
+    got = gram.gauss_newton(theta, layout, ACTIVATIONS["softplus"], X, y)
+    want = _from_jacobian(theta, layout, ACTIVATIONS["softplus"], X, y)
+    assert all(float((a - b).abs().max() / b.abs().max()) < 1e-12 for a, b in zip(got, want))
+    first = 4 * 6
+    pairs = 10 * 21 if pairs_max_inputs == 128 else first * first
+    features = 4 + 1 + 5
+    assert gram.gram_multiply_adds(layout, 90) == 90 * (pairs + first * features + features ** 2)
+
+
 def test_the_natural_order_is_a_permutation_of_the_layout():
     for layout in (Layout(4, (3,), 2), Layout(4, (3,), 2, skip=True), Layout(1, (1,), 1)):
         order = gram.natural_order(layout)
