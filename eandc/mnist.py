@@ -105,10 +105,11 @@ LATER_DEFAULTS = {"teacher_bias_std": 1.0, "input_subspace": False, "input_polis
                   "finetune_iter": 300, "drop_undetermined": True}
 
 # The shallow students in their teacher's whitened input subspace (16-64-10, 1,738 parameters;
-# 1,898 with softplus's linear term) take the dense Levenberg-Marquardt finisher: their
-# Gauss-Newton matrices built by eandc.gram cost n (H(d+1) + H + 1 + d)^2 multiply-adds, not
-# n d_out P^2. With it the g teacher's expansion took 47 s instead of 203 s with the matrix-free
-# one (stages of 30 iterations), three of its four students at 1e-30 instead of none below 1e-13.
+# 1,898 with softplus's linear term) take the dense Levenberg-Marquardt finisher: eandc.gram
+# builds their Gauss-Newton matrices with 77 times fewer multiply-adds than the Jacobian would
+# (30 times faster: benchmarks/gram_speed.py). With it the g teacher's expansion took 47 s
+# instead of 203 s with the matrix-free finisher (stages of 30 iterations), three of its four
+# students at 1e-30 where the matrix-free finisher left none below 3e-13.
 STANDARD_TRAINING = {"finisher": "dense", "max_iter": 12, "polish_iter": 10}
 # Options that configs(overrides=) merges into a teacher's own instead of replacing them.
 MERGED_OPTIONS = ("train_options", "retrain_options")
@@ -161,8 +162,8 @@ PROFILES = {
     # 4 students (2 must agree), the 10,000 images and 2,000 noise overlays (120,000 logits),
     # stages of 12 iterations. In pixel space (784-64-10 students, 50,890 parameters, the
     # matrix-free finisher with float32 products), g, softplus and ReLU: on the images and noise
-    # overlays, a linear map explains 97.8-98.9% of
-    # their logits' variance (tanh, sigmoid: 91%), and their students crawled (relative losses
+    # overlays, a linear map explains 97.8-98.9% of their logits' variance (tanh, sigmoid:
+    # 91%), and their students crawled (relative losses
     # 1e-4 to 1e-3 after 12 iterations, 6e-7 to 2e-4 and 8 bogus clusters of 16 for g after 40):
     # they take 10,000 contrast queries instead of noise overlays (their neurons' preactivations
     # swept through the bend: one g neuron's preactivation is in [-2, 2] on 5% of the images
