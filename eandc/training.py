@@ -13,8 +13,8 @@ whatever the scale of the teacher.
    iteration builds the Gauss-Newton matrix ``J^T J`` and gradient ``J^T r`` from analytic
    Jacobians, accumulated over chunks of samples so memory stays bounded (for one hidden layer
    and several outputs, by :mod:`eandc.gram`, which sums over the outputs first), and solves
-   one ``P x P`` system per student (batched Cholesky). A student stops costing time once it reaches
-   the loss floor, stops improving, or runs out of iterations.
+   one ``P x P`` system per student (batched Cholesky). A student stops costing time once it
+   reaches the loss floor, stops improving, or runs out of iterations.
 
 :func:`train_students` chains them: Adam and LM on a random subset of the queries (cheap), then
 LM on all of them (exact). In between, :func:`compact_students` prunes inside each student the
@@ -70,9 +70,10 @@ GRADIENTS = {"fused": "auto", "native": "native", "chunked": "torch", "compiled"
 # Levenberg-Marquardt (eandc.matfree): a dense iteration costs O(n P^2 + P^3) time per student.
 DENSE_MAX_PARAMS = 4_000
 # ... and when one dense iteration's Gauss-Newton matrix costs more than this many
-# multiply-adds per student (rows x outputs x P^2): the deep MNIST network reconstructed from
-# 30-30-30 clusters (3,200 parameters, 20,000 queries x 10 logits: 2e12) took 42 s per dense
-# iteration on 2 cores, 0.2-4.4 s per matrix-free one.
+# multiply-adds per student (gram_multiply_adds: rows x outputs x P^2 from the Jacobian, far
+# fewer through eandc.gram for one hidden layer and several outputs): the deep MNIST network
+# reconstructed from 30-30-30 clusters (3,200 parameters, 20,000 queries x 10 logits: 2e12)
+# took 42 s per dense iteration on 2 cores, 0.2-4.4 s per matrix-free one.
 DENSE_MAX_GRAM_FLOPS = 5e11
 # Second-order training packs the students (leaves their pruned neurons out) when that removes
 # at least this share of the parameters (see packed_students).
