@@ -246,12 +246,27 @@ static void backpropagate(const double *restrict w, const double *restrict delta
 typedef struct {
     int n_layers, skip, activation;
     const int64_t *sizes;                 /* n_layers + 1 sizes: d_in, widths..., d_out */
-    int64_t n_params, n;
-    const double *theta, *X, *Y;          /* (N, P), (n, d_in), (n, d_out), row-major */
-    double *losses, *grad;                /* (N,), (N, P) */
+    int64_t n_params;
+    const double *X, *Y;                  /* (n, d_in), (n, d_out), row-major */
     int64_t w_off[MAX_LAYERS], b_off[MAX_LAYERS], skip_off;
     int64_t widest;                       /* largest layer size */
 } problem;
+
+/* the parameter offsets of each layer; 0, or 1 when the sizes do not add up to n_params */
+static int set_layout(problem *pb) {
+    int64_t offset = 0;
+    for (int l = 0; l < pb->n_layers; l++) {
+        pb->w_off[l] = offset;
+        offset += pb->sizes[l] * pb->sizes[l + 1];
+        pb->b_off[l] = offset;
+        offset += pb->sizes[l + 1];
+        if (pb->sizes[l] > pb->widest) pb->widest = pb->sizes[l];
+    }
+    if (pb->sizes[pb->n_layers] > pb->widest) pb->widest = pb->sizes[pb->n_layers];
+    pb->skip_off = offset;
+    if (pb->skip) offset += pb->sizes[0] * pb->sizes[pb->n_layers];
+    return offset == pb->n_params ? 0 : 1;
+}
 
 /* words of one thread's work space: the chunk's inputs, each hidden layer's values and slopes,
    the outputs, two error buffers, and the gradient and loss lanes */
@@ -261,9 +276,11 @@ static int64_t work_words(const problem *pb) {
     return words + LANES * (pb->n_params + 1);
 }
 
-static void student(const problem *pb, int s, double *work) {
+/* Mean squared error of the student theta over n samples (the rows of X and Y listed in rows, or
+   the first n when rows is NULL) into *loss, its gradient into grad. */
+static void student(const problem *pb, const double *theta, const int64_t *rows, int64_t n,
+                    double *work, double *grad, double *loss) {
     const int L = pb->n_layers, d_in = (int)pb->sizes[0], d_out = (int)pb->sizes[L];
-    const double *theta = pb->theta + (int64_t)s * pb->n_params;
     double *x = work, *values[MAX_LAYERS], *slopes[MAX_LAYERS];
     double *next = x + (int64_t)d_in * CHUNK;
     for (int l = 0; l < L - 1; l++) {
@@ -274,13 +291,15 @@ static void student(const problem *pb, int s, double *work) {
     double *out = next, *delta = out + (int64_t)d_out * CHUNK, *below = delta + pb->widest * CHUNK;
     double *lanes = below + pb->widest * CHUNK, *sse = lanes + LANES * pb->n_params;
     const double *skip = pb->skip ? theta + pb->skip_off : NULL;
-    double scale = 2.0 / ((double)pb->n * d_out);
+    double scale = 2.0 / ((double)n * d_out);
     memset(lanes, 0, sizeof(double) * LANES * (pb->n_params + 1));
-    for (int64_t start = 0; start < pb->n; start += CHUNK) {
-        int m = (int)(pb->n - start < CHUNK ? pb->n - start : CHUNK);
+    int64_t row[CHUNK];
+    for (int64_t start = 0; start < n; start += CHUNK) {
+        int m = (int)(n - start < CHUNK ? n - start : CHUNK);
+        for (int r = 0; r < CHUNK; r++) row[r] = r < m ? (rows ? rows[start + r] : start + r) : 0;
         for (int i = 0; i < d_in; i++)
             for (int r = 0; r < CHUNK; r++)
-                x[i * CHUNK + r] = r < m ? pb->X[(start + r) * d_in + i] : 0.0;
+                x[i * CHUNK + r] = r < m ? pb->X[row[r] * d_in + i] : 0.0;
         /* forward */
         for (int l = 0; l < L - 1; l++) {
             int fi = (int)pb->sizes[l], fo = (int)pb->sizes[l + 1];
@@ -291,9 +310,8 @@ static void student(const problem *pb, int s, double *work) {
         affine(theta + pb->w_off[L - 1], theta + pb->b_off[L - 1], values[L - 2], (int)pb->sizes[L - 1],
                d_out, skip, x, d_in, out);
         for (int k = 0; k < d_out; k++) {  /* error; rows past the samples' end count for nothing */
-            const double *yk = pb->Y + start * d_out + k;
             double *ok = out + k * CHUNK, *dk = delta + k * CHUNK;
-            for (int r = 0; r < CHUNK; r++) ok[r] = r < m ? ok[r] - yk[(int64_t)r * d_out] : 0.0;
+            for (int r = 0; r < CHUNK; r++) ok[r] = r < m ? ok[r] - pb->Y[row[r] * d_out + k] : 0.0;
             add_products(ok, ok, sse);
 #pragma omp simd
             for (int r = 0; r < CHUNK; r++) dk[r] = ok[r] * scale;
@@ -311,14 +329,18 @@ static void student(const problem *pb, int s, double *work) {
             below = swap;
         }
     }
-    double *grad = pb->grad + (int64_t)s * pb->n_params, total = 0.0;
+    double total = 0.0;
     for (int64_t p = 0; p < pb->n_params; p++) {
         double g = 0.0;
         for (int l = 0; l < LANES; l++) g += lanes[p * LANES + l];
         grad[p] = g;
     }
     for (int l = 0; l < LANES; l++) total += sse[l];
-    pb->losses[s] = total / ((double)pb->n * d_out);
+    *loss = total / ((double)n * d_out);
+}
+
+static size_t work_bytes(const problem *pb) {
+    return ((sizeof(double) * work_words(pb) + 63) / 64) * 64;
 }
 
 /* losses[s] = mean squared error of student s over the n samples and d_out outputs; grad[s] =
@@ -327,33 +349,88 @@ int eandc_loss_and_gradient(int n_students, int n_layers, const int64_t *sizes, 
                             int activation, const double *theta, int64_t n_params, const double *X,
                             const double *Y, int64_t n, double *losses, double *grad, int n_threads) {
     if (n_layers < 2 || n_layers > MAX_LAYERS || n_students < 1 || n < 1) return 1;
-    problem pb = {n_layers, skip, activation, sizes, n_params, n, theta, X, Y, losses, grad,
-                  {0}, {0}, 0, 0};
-    int64_t offset = 0;
-    for (int l = 0; l < n_layers; l++) {
-        pb.w_off[l] = offset;
-        offset += sizes[l] * sizes[l + 1];
-        pb.b_off[l] = offset;
-        offset += sizes[l + 1];
-        if (sizes[l] > pb.widest) pb.widest = sizes[l];
-    }
-    if (sizes[n_layers] > pb.widest) pb.widest = sizes[n_layers];
-    pb.skip_off = offset;
-    if (skip) offset += sizes[0] * sizes[n_layers];
-    if (offset != n_params) return 1;
+    problem pb = {n_layers, skip, activation, sizes, n_params, X, Y, {0}, {0}, 0, 0};
+    if (set_layout(&pb)) return 1;
     if (n_threads > n_students) n_threads = n_students;
     if (n_threads < 1) n_threads = 1;
-    size_t bytes = ((sizeof(double) * work_words(&pb) + 63) / 64) * 64;
+    size_t bytes = work_bytes(&pb);
     int failed = 0;
 #pragma omp parallel num_threads(n_threads) reduction(|:failed)
     {
         double *work = aligned_alloc(64, bytes);
 #pragma omp for schedule(static, 1)
         for (int s = 0; s < n_students; s++) {
-            if (work) student(&pb, s, work);
+            if (work) student(&pb, theta + (int64_t)s * n_params, NULL, n, work,
+                              grad + (int64_t)s * n_params, losses + s);
             else failed = 1;
         }
         free(work);
+    }
+    return failed ? 2 : 0;
+}
+
+/* One step of torch.optim.Adam (no weight decay, no amsgrad) on the n parameters p with gradient
+   g, moments m and v, at step t (counted from 1), rounded as torch's CPU kernels round it:
+   m.lerp_(g, 1 - beta1) is fma(1 - beta1, g - m, m); v.mul_(beta2).addcmul_(g, g, value=1 -
+   beta2) is fma((1 - beta2) g, g, beta2 v); p.addcdiv_(m, sqrt(v) / sqrt(1 - beta2^t) + eps,
+   value=-lr / (1 - beta1^t)) multiplies before it divides. No other contraction into fused
+   multiply-adds here: the moments are torch's bit for bit; the parameters can differ in their
+   last bit, where torch's vectorised sqrt is not correctly rounded. */
+__attribute__((optimize("fp-contract=off")))
+static void adam_update(double *restrict p, const double *restrict g, double *restrict m,
+                        double *restrict v, int64_t n, double t, double lr, double beta1,
+                        double beta2, double eps) {
+    double w1 = 1.0 - beta1, w2 = 1.0 - beta2;
+    double step_size = lr / (1.0 - pow(beta1, t)), root2 = pow(1.0 - pow(beta2, t), 0.5);
+    for (int64_t i = 0; i < n; i++) {
+        double d = g[i] - m[i];
+        m[i] = w1 < 0.5 ? fma(w1, d, m[i]) : fma(w1 - 1.0, d, g[i]);
+        v[i] = fma(w2 * g[i], g[i], v[i] * beta2);
+        p[i] = p[i] + -step_size * m[i] / (sqrt(v[i]) / root2 + eps);
+    }
+}
+
+/* steps Adam steps of every student on its own loss, as torch.optim.Adam takes them on the
+   students' summed losses: theta (N, P), m and v its moments, t the steps taken before; step k
+   (0-based) has learning rate lrs[k] and takes the samples rows[bounds[k]:bounds[k + 1]] (all n
+   when rows is NULL). frozen (N, P bytes, or NULL): parameters whose gradient is taken as 0.
+   losses[s]: student s's loss at the last step, before its update. Threads take whole students
+   through all the steps: no synchronisation between steps. Returns as eandc_loss_and_gradient. */
+int eandc_adam(int n_students, int n_layers, const int64_t *sizes, int skip, int activation,
+               double *theta, int64_t n_params, const double *X, const double *Y, int64_t n,
+               double *m, double *v, double t, int64_t steps, const double *lrs, double beta1,
+               double beta2, double eps, const int64_t *rows, const int64_t *bounds,
+               const uint8_t *frozen, double *losses, int n_threads) {
+    if (n_layers < 2 || n_layers > MAX_LAYERS || n_students < 1 || n < 1 || steps < 1) return 1;
+    problem pb = {n_layers, skip, activation, sizes, n_params, X, Y, {0}, {0}, 0, 0};
+    if (set_layout(&pb)) return 1;
+    if (n_threads > n_students) n_threads = n_students;
+    if (n_threads < 1) n_threads = 1;
+    size_t bytes = work_bytes(&pb);
+    int failed = 0;
+#pragma omp parallel num_threads(n_threads) reduction(|:failed)
+    {
+        double *work = aligned_alloc(64, bytes), *grad = malloc(sizeof(double) * n_params);
+#pragma omp for schedule(static, 1)
+        for (int s = 0; s < n_students; s++) {
+            if (!work || !grad) {
+                failed = 1;
+                continue;
+            }
+            int64_t at = (int64_t)s * n_params;
+            for (int64_t k = 0; k < steps; k++) {
+                const int64_t *batch = rows ? rows + bounds[k] : NULL;
+                int64_t count = rows ? bounds[k + 1] - bounds[k] : n;
+                student(&pb, theta + at, batch, count, work, grad, losses + s);
+                if (frozen)
+                    for (int64_t i = 0; i < n_params; i++)
+                        if (frozen[at + i]) grad[i] = 0.0;
+                adam_update(theta + at, grad, m + at, v + at, n_params, t + (double)(k + 1),
+                            lrs[k], beta1, beta2, eps);
+            }
+        }
+        free(work);
+        free(grad);
     }
     return failed ? 2 : 0;
 }

@@ -3,10 +3,12 @@
 Why it exists: on a CPU, the chunked PyTorch step of :mod:`eandc.fast` is bound by its
 element-wise kernels (one pass over memory each: ``sigmoid``, ``softplus``, products, sums) and
 by PyTorch's per-operation overhead on small students. ``native.c`` does the whole forward and
-backward pass of a student in one sweep over the samples, 128 rows at a time with every
+backward pass of a student in one sweep over the samples, 64 rows at a time with every
 activity in cache, and evaluates the activation (value and derivative from one exponential, one
 ``log1p`` for g and softplus) with polynomials the compiler vectorises. Threads take whole
-students, so the result does not depend on their number.
+students, so the result does not depend on their number. :func:`adam_steps` runs Adam itself
+in the kernel as well: each thread takes its students through many steps (gradient, then
+torch's update, operation for operation), with no Python and no synchronisation in between.
 
 The C file is compiled on first use with the system's C compiler (``$CC``, else ``cc``), for
 this machine (``-march=native``), into the per-user cache (``$EANDC_CACHE``, else
@@ -40,8 +42,8 @@ from .activations import Activation
 from .mlp import Layout
 from .storage import user_cache_folder
 
-__all__ = ["available", "unsupported_reason", "loss_and_gradient", "activate", "ACTIVATION_CODES",
-           "MAX_FAN_IN", "library_path"]
+__all__ = ["available", "unsupported_reason", "loss_and_gradient", "adam_steps", "activate",
+           "ACTIVATION_CODES", "MAX_FAN_IN", "library_path"]
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +129,11 @@ def _load() -> ctypes.CDLL | None:
     lib.eandc_loss_and_gradient.argtypes = [
         ctypes.c_int, ctypes.c_int, pointer, ctypes.c_int, ctypes.c_int, pointer, size, pointer,
         pointer, size, pointer, pointer, ctypes.c_int]
+    lib.eandc_adam.restype = ctypes.c_int
+    lib.eandc_adam.argtypes = [
+        ctypes.c_int, ctypes.c_int, pointer, ctypes.c_int, ctypes.c_int, pointer, size, pointer,
+        pointer, size, pointer, pointer, ctypes.c_double, size, pointer, ctypes.c_double,
+        ctypes.c_double, ctypes.c_double, pointer, pointer, pointer, pointer, ctypes.c_int]
     lib.eandc_activate.restype = None
     lib.eandc_activate.argtypes = [ctypes.c_int, pointer, pointer, pointer, size]
     _library = lib
@@ -167,11 +174,9 @@ def _sizes(layout: Layout):
     return (ctypes.c_int64 * len(layout.sizes))(*layout.sizes)
 
 
-@torch.no_grad()
-def loss_and_gradient(theta: torch.Tensor, layout: Layout, activation: Activation, X: torch.Tensor,
-                      y: torch.Tensor, threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean squared error of each student ``(N,)`` and its gradient ``(N, P)``, as
-    :func:`eandc.fast.loss_and_gradient` returns them; ``threads`` defaults to PyTorch's."""
+def _checked(theta: torch.Tensor, layout: Layout, activation: Activation, X: torch.Tensor,
+             y: torch.Tensor):
+    """``theta``, ``X`` and ``y`` as the kernel takes them, after the checks every entry makes."""
     reason = unsupported_reason(layout, activation, X, theta)
     if reason is not None:
         raise ValueError(f"the native kernel does not apply: {reason}")
@@ -180,18 +185,79 @@ def loss_and_gradient(theta: torch.Tensor, layout: Layout, activation: Activatio
     if X.dim() != 2 or X.shape[1] != layout.d_in or y.shape != (X.shape[0], layout.d_out):
         raise ValueError(f"X must be (n, {layout.d_in}) and y (n, {layout.d_out}), got "
                          f"{tuple(X.shape)} and {tuple(y.shape)}")
-    theta, X, y = theta.detach().contiguous(), X.contiguous(), y.to(torch.float64).contiguous()
-    losses = torch.empty(theta.shape[0], dtype=torch.float64)
-    grad = torch.empty_like(theta)
-    status = _library.eandc_loss_and_gradient(
-        theta.shape[0], layout.n_layers, _sizes(layout), int(layout.skip),
-        ACTIVATION_CODES[activation.name], theta.data_ptr(), layout.size, X.data_ptr(), y.data_ptr(),
-        X.shape[0], losses.data_ptr(), grad.data_ptr(), threads or torch.get_num_threads())
+    return X.contiguous(), y.to(torch.float64).contiguous()
+
+
+def _raise_for(status: int, layout: Layout) -> None:
     if status == 2:
         raise MemoryError("the native kernel could not allocate its work space")
     if status != 0:
         raise RuntimeError(f"the native kernel refused the layout {layout} (status {status})")
+
+
+@torch.no_grad()
+def loss_and_gradient(theta: torch.Tensor, layout: Layout, activation: Activation, X: torch.Tensor,
+                      y: torch.Tensor, threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean squared error of each student ``(N,)`` and its gradient ``(N, P)``, as
+    :func:`eandc.fast.loss_and_gradient` returns them; ``threads`` defaults to PyTorch's."""
+    X, y = _checked(theta, layout, activation, X, y)
+    theta = theta.detach().contiguous()
+    losses = torch.empty(theta.shape[0], dtype=torch.float64)
+    grad = torch.empty_like(theta)
+    _raise_for(_library.eandc_loss_and_gradient(
+        theta.shape[0], layout.n_layers, _sizes(layout), int(layout.skip),
+        ACTIVATION_CODES[activation.name], theta.data_ptr(), layout.size, X.data_ptr(), y.data_ptr(),
+        X.shape[0], losses.data_ptr(), grad.data_ptr(), threads or torch.get_num_threads()),
+        layout)
     return losses, grad
+
+
+@torch.no_grad()
+def adam_steps(theta: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, taken: int,
+               layout: Layout, activation: Activation, X: torch.Tensor, y: torch.Tensor,
+               lrs: torch.Tensor, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+               rows: torch.Tensor | None = None, bounds: torch.Tensor | None = None,
+               frozen: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:
+    """``len(lrs)`` steps of ``torch.optim.Adam`` on every student's own loss, in place on
+    ``theta`` ``(N, P)`` and its moments ``exp_avg``, ``exp_avg_sq`` (contiguous float64), after
+    ``taken`` earlier steps; the update is torch's, operation for operation (the moments bit for
+    bit; the parameters may differ in the last bit, as torch's vectorised ``sqrt`` rounds).
+
+    Step ``k`` has learning rate ``lrs[k]`` and the rows ``rows[bounds[k]:bounds[k + 1]]`` of
+    ``X``, ``y`` (all of them when ``rows`` is ``None``); ``frozen`` ``(N, P)`` bool: parameters
+    whose gradient is taken as zero. Each thread takes whole students through all the steps, so
+    there is no Python and no synchronisation between steps. Returns each student's loss at the
+    last step (before its update)."""
+    X, y = _checked(theta, layout, activation, X, y)
+    tensors = [theta, exp_avg, exp_avg_sq] + ([frozen] if frozen is not None else [])
+    if any(t.shape != theta.shape or not t.is_contiguous() or t.device.type != "cpu"
+           for t in tensors):
+        raise ValueError("theta, its moments and frozen must be contiguous CPU tensors of one shape")
+    if exp_avg.dtype != torch.float64 or exp_avg_sq.dtype != torch.float64:
+        raise ValueError("the moments must be float64")
+    if frozen is not None and frozen.dtype != torch.bool:
+        raise ValueError(f"frozen must be a bool mask, got {frozen.dtype}")
+    lrs = torch.as_tensor(lrs, dtype=torch.float64).contiguous()
+    steps = lrs.numel()
+    if rows is not None:
+        rows, bounds = rows.to(torch.int64).contiguous(), bounds.to(torch.int64).contiguous()
+        if bounds.shape != (steps + 1,) or bounds[0] != 0 or bounds[-1] != rows.numel() or \
+                bool((bounds.diff() < 1).any()):
+            raise ValueError("bounds must rise from 0 to len(rows), each step taking a row or more")
+        if rows.numel() and not bool(((rows >= 0) & (rows < X.shape[0])).all()):
+            raise ValueError(f"rows must index the {X.shape[0]} rows of X")
+    losses = torch.empty(theta.shape[0], dtype=torch.float64)
+    if steps == 0:
+        return losses.fill_(float("nan"))
+    _raise_for(_library.eandc_adam(
+        theta.shape[0], layout.n_layers, _sizes(layout), int(layout.skip),
+        ACTIVATION_CODES[activation.name], theta.data_ptr(), layout.size, X.data_ptr(), y.data_ptr(),
+        X.shape[0], exp_avg.data_ptr(), exp_avg_sq.data_ptr(), float(taken), steps, lrs.data_ptr(),
+        float(betas[0]), float(betas[1]), float(eps), rows.data_ptr() if rows is not None else None,
+        bounds.data_ptr() if rows is not None else None,
+        frozen.data_ptr() if frozen is not None else None, losses.data_ptr(),
+        threads or torch.get_num_threads()), layout)
+    return losses
 
 
 def activate(activation: Activation, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

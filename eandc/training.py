@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint
+from . import checkpoint, native
 from . import gram as shallow_gram
 from .activations import Activation
 from .fast import chosen_backend, loss_and_gradient
@@ -400,7 +400,9 @@ def adam_phase(theta: torch.Tensor, layout: Layout, activation: Activation, X: t
     compiled kernel of :mod:`eandc.native` where it applies, else chunked PyTorch), ``"native"``
     or ``"chunked"`` (one of those two, forced), ``"compiled"`` (chunked, the activation through
     ``torch.compile``: no consistent gain measured) or ``"autograd"`` (the reference: autograd
-    through :func:`forward`).
+    through :func:`forward`). Where the native kernel runs, so does the whole loop: the
+    gradient and ``torch.optim.Adam``'s update of every student, many steps per call
+    (:func:`eandc.native.adam_steps`), with the optimizer's state kept as torch keeps it.
     """
     if gradient not in GRADIENTS:
         raise ValueError(f"gradient must be one of {tuple(GRADIENTS)}, got {gradient!r}")
@@ -421,6 +423,11 @@ def adam_phase(theta: torch.Tensor, layout: Layout, activation: Activation, X: t
             theta.copy_(saved.state[0]["theta"])
         checkpoint.load_adam_state(optimizer, theta, saved.state[0])
         start = saved.state[1]["step"]
+    if GRADIENTS[gradient] is not None and chosen_backend(
+            layout, activation, X, GRADIENTS[gradient], theta=theta) == "native":
+        _native_adam_loop(theta, optimizer, layout, activation, X, y, range(start, steps), lr,
+                          lr_end, batch_size, seed, fixed, saved, progress)
+        return theta.detach()
     Xb, yb, order = X, y, None
     for step in tqdm(range(start, steps), desc="adam", disable=not progress, leave=False):
         optimizer.zero_grad(set_to_none=True)
@@ -445,6 +452,55 @@ def adam_phase(theta: torch.Tensor, layout: Layout, activation: Activation, X: t
         if saved.due():
             saved.save(dict(checkpoint.adam_state(optimizer, theta), theta=theta), {"step": step + 1})
     return theta.detach()
+
+
+# The compiled Adam loop runs this many seconds between returns to Python (progress, checkpoint).
+NATIVE_BLOCK_SECONDS = 0.25
+
+
+def _native_adam_loop(theta, optimizer, layout, activation, X, y, steps, lr, lr_end, batch_size,
+                      seed, fixed, saved, progress):
+    """:func:`adam_phase`'s loop over ``steps`` (a range of step numbers) in the compiled kernel
+    (:func:`eandc.native.adam_steps`: the gradient and ``optimizer``'s update, every student
+    through many steps per call), in place on ``theta`` and ``optimizer``'s state, which stay
+    as ``torch.optim.Adam`` keeps them (so checkpoints are the same either way). It returns to
+    Python about every ``NATIVE_BLOCK_SECONDS`` to show progress and record the checkpoint."""
+    group, state = optimizer.param_groups[0], optimizer.state[theta]
+    if not state:  # as torch.optim.Adam initialises it at its first step
+        state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(theta),
+                     exp_avg_sq=torch.zeros_like(theta))
+    params = theta.detach()
+    n, total = X.shape[0], steps.stop
+    per_epoch = math.ceil(n / batch_size) if batch_size is not None and batch_size < n else 1
+    frozen = fixed.contiguous() if fixed is not None else None
+    step, block, order, order_epoch = steps.start, 1, None, None
+    with tqdm(total=len(steps), desc="adam", disable=not progress, leave=False) as bar:
+        while step < total:
+            count = min(block, total - step)
+            lrs = torch.tensor([adam_learning_rate(s, total, lr, lr_end)
+                                for s in range(step, step + count)], dtype=torch.float64)
+            rows = bounds = None
+            if per_epoch > 1:
+                pieces = []
+                for s in range(step, step + count):
+                    epoch, k = divmod(s, per_epoch)
+                    if epoch != order_epoch:
+                        order, order_epoch = epoch_order(n, seed, epoch), epoch
+                    pieces.append(order[k * batch_size:(k + 1) * batch_size])
+                rows = torch.cat(pieces)
+                bounds = torch.tensor([0] + [len(r) for r in pieces]).cumsum(0)
+            t0 = time.perf_counter()
+            native.adam_steps(params, state["exp_avg"], state["exp_avg_sq"], int(state["step"]),
+                              layout, activation, X, y, lrs, group["betas"], group["eps"], rows,
+                              bounds, frozen)
+            elapsed = time.perf_counter() - t0
+            state["step"] += count
+            step += count
+            bar.update(count)
+            if saved.due():
+                saved.save(dict(checkpoint.adam_state(optimizer, theta), theta=theta),
+                           {"step": step})
+            block = max(1, min(8 * count, int(count * NATIVE_BLOCK_SECONDS / max(elapsed, 1e-6))))
 
 
 def adam_learning_rate(step: int, steps: int, lr: float, lr_end: float | None = None) -> float:

@@ -49,10 +49,14 @@ def test_same_inputs_and_seed_give_bitwise_identical_weights():
     assert a.network.theta.abs().sum() > 0
 
 
-def test_interrupted_run_resumes_to_the_same_network(tmp_path, monkeypatch):
+# Interval 0: a write per loop iteration (per block of steps in the compiled Adam loop, which
+# returns after 1, 8, 64, ... steps): the 3rd write falls in the Adam phase, the 20th in the
+# Levenberg-Marquardt iterations.
+@pytest.mark.parametrize("writes", [3, 20])
+def test_interrupted_run_resumes_to_the_same_network(tmp_path, monkeypatch, writes):
     reference = eandc.expand_and_cluster(TEACHER, X, "tanh", **SMALL)
     path = tmp_path / "checkpoint.npz"
-    _interrupt_after(monkeypatch, 40)  # interval 0: a write per loop iteration, mid-training
+    _interrupt_after(monkeypatch, writes)
     with pytest.raises(Interrupt):
         eandc.expand_and_cluster(TEACHER, X, "tanh", checkpoint=Checkpoint(path, 0.0), **SMALL)
     monkeypatch.undo()
@@ -76,6 +80,7 @@ def test_a_finished_step_is_not_recomputed(tmp_path, monkeypatch):
         checkpoint.write()
     calls = []
     monkeypatch.setattr(torch.optim.Adam, "step", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(eandc.native, "adam_steps", lambda *a, **k: calls.append(1))
     with Checkpoint(path, 0.0):
         again = eandc.training.adam_phase(students.theta, students.layout, students.activation,
                                           torch.from_numpy(X), torch.from_numpy(TEACHER(X)), 20)
@@ -90,7 +95,9 @@ def test_minibatch_adam_resumes_mid_epoch_to_the_same_weights(tmp_path, monkeypa
     options = dict(batch_size=64, seed=3)  # 8 minibatches per epoch
     reference = eandc.training.adam_phase(*args, **options)
     path = tmp_path / "checkpoint.npz"
-    _interrupt_after(monkeypatch, 11)  # interval 0: a write per step; stops inside epoch 2
+    # interval 0: a write per step, or per block of 1, 8, ... steps in the compiled loop: the
+    # second write falls at step 2 or 9, inside the first or the second epoch
+    _interrupt_after(monkeypatch, 2)
     with pytest.raises(Interrupt), Checkpoint(path, 0.0):
         eandc.training.adam_phase(*args, **options)
     monkeypatch.undo()

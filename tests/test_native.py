@@ -176,6 +176,54 @@ def test_adam_phase_native_follows_autograd_and_refuses_what_it_cannot_run():
         adam_phase(theta, layout, ACTIVATIONS["gelu"], X, y, 1, gradient="native")
 
 
+def test_the_compiled_adam_loop_takes_torch_adams_steps():
+    """``adam_steps`` against ``torch.optim.Adam`` fed the kernel's gradients step by step: each
+    step its own rate, minibatch rows and frozen entries; two calls (``taken``) make one run."""
+    theta, layout, act, X, y = random_students("g", (6, 4), True, n=150)
+    gen = torch.Generator().manual_seed(3)
+    steps = 25
+    lrs = 1e-2 * 0.8 ** torch.arange(steps, dtype=torch.float64)
+    sizes = torch.randint(1, 150, (steps,), generator=gen)
+    rows = torch.cat([torch.randperm(150, generator=gen)[:k] for k in sizes.tolist()])
+    bounds = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)])
+    frozen = torch.rand(theta.shape, generator=gen) < 0.2
+    own = theta.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([own], lr=1.0)
+    for k in range(steps):
+        batch = rows[bounds[k]:bounds[k + 1]]
+        loss, own.grad = native.loss_and_gradient(own, layout, act, X[batch], y[batch])
+        own.grad[frozen] = 0.0
+        optimizer.param_groups[0]["lr"] = float(lrs[k])
+        optimizer.step()
+    p, m, v = theta.clone(), torch.zeros_like(theta), torch.zeros_like(theta)
+    native.adam_steps(p, m, v, 0, layout, act, X, y, lrs[:10], rows=rows[:bounds[10]],
+                      bounds=bounds[:11], frozen=frozen)
+    last = native.adam_steps(p, m, v, 10, layout, act, X, y, lrs[10:], rows=rows[bounds[10]:],
+                             bounds=bounds[10:] - bounds[10], frozen=frozen)
+    state = optimizer.state[own]
+    for got, ref in ((p - theta, own.detach() - theta), (m, state["exp_avg"]),
+                     (v, state["exp_avg_sq"])):
+        assert float((got - ref).norm() / ref.norm()) < 1e-12
+    assert torch.equal(p[frozen], theta[frozen]) and not torch.equal(p, theta)
+    torch.testing.assert_close(last, loss, rtol=1e-12, atol=0)
+    full = theta.clone()
+    native.adam_steps(full, torch.zeros_like(theta), torch.zeros_like(theta), 0, layout, act, X, y,
+                      lrs[:3])
+    assert not torch.equal(full, theta)
+    bad_bounds = bounds[:11].clone()
+    bad_bounds[3] = bad_bounds[2]  # a step without rows
+    for kwargs, match in ((dict(rows=rows[:bounds[10]], bounds=bad_bounds), "bounds"),
+                          (dict(rows=rows[:bounds[10]] + 150, bounds=bounds[:11]), "rows"),
+                          (dict(frozen=frozen.double()), "frozen"),
+                          (dict(frozen=frozen[:, :-1]), "one shape")):
+        with pytest.raises(ValueError, match=match):
+            native.adam_steps(theta.clone(), torch.zeros_like(theta), torch.zeros_like(theta), 0,
+                              layout, act, X, y, lrs[:10], **kwargs)
+    with pytest.raises(ValueError, match="one shape"):
+        native.adam_steps(theta.t().contiguous().t(), torch.zeros_like(theta),
+                          torch.zeros_like(theta), 0, layout, act, X, y, lrs[:1])
+
+
 def _python(code, **env):
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, **env}, timeout=120)
