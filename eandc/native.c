@@ -294,21 +294,41 @@ static int set_layout(problem *pb) {
     return offset == pb->n_params ? 0 : 1;
 }
 
-/* words of one thread's work space: the chunk's inputs, each hidden layer's values and slopes,
+/* words of one thread's work space: each hidden layer's values and slopes,
    the outputs, two error buffers, and the gradient and loss lanes */
 static int64_t work_words(const problem *pb) {
-    int64_t words = CHUNK * (pb->sizes[0] + pb->sizes[pb->n_layers] + 2 * pb->widest);
+    int64_t words = CHUNK * (pb->sizes[pb->n_layers] + 2 * pb->widest);
     for (int l = 1; l < pb->n_layers; l++) words += 2 * CHUNK * pb->sizes[l];
     return words + LANES * (pb->n_params + 1);
 }
 
-/* Mean squared error of the student theta over n samples (the rows of X and Y listed in rows, or
-   the first n when rows is NULL) into *loss, its gradient into grad. */
-static void student(const problem *pb, const double *theta, const int64_t *rows, int64_t n,
-                    double *work, double *grad, double *loss) {
+/* The samples rows[0..n) of X and Y (the first n when rows is NULL) in chunks of CHUNK rows as
+   the kernel reads them, neuron-major: chunk c's inputs at xt + c d_in CHUNK ([input][row]), its
+   targets at yt + c d_out CHUNK; rows past the last sample are zero. Done once for all students
+   (and all full-batch steps), not once per student and step. */
+static void chunk_samples(const problem *pb, const int64_t *rows, int64_t n, double *xt,
+                          double *yt) {
+    const int d_in = (int)pb->sizes[0], d_out = (int)pb->sizes[pb->n_layers];
+    for (int64_t start = 0, c = 0; start < n; start += CHUNK, c++) {
+        int m = (int)(n - start < CHUNK ? n - start : CHUNK);
+        double *xc = xt + c * d_in * CHUNK, *yc = yt + c * d_out * CHUNK;
+        for (int r = 0; r < CHUNK; r++) {
+            int64_t row = r < m ? (rows ? rows[start + r] : start + r) : 0;
+            for (int i = 0; i < d_in; i++) xc[i * CHUNK + r] = r < m ? pb->X[row * d_in + i] : 0.0;
+            for (int k = 0; k < d_out; k++) yc[k * CHUNK + r] = r < m ? pb->Y[row * d_out + k] : 0.0;
+        }
+    }
+}
+
+static int64_t n_chunks(int64_t n) { return (n + CHUNK - 1) / CHUNK; }
+
+/* Mean squared error of the student theta over n samples (chunked by chunk_samples into xt and
+   yt) into *loss, its gradient into grad. */
+static void student(const problem *pb, const double *theta, const double *xt, const double *yt,
+                    int64_t n, double *work, double *grad, double *loss) {
     const int L = pb->n_layers, d_in = (int)pb->sizes[0], d_out = (int)pb->sizes[L];
-    double *x = work, *values[MAX_LAYERS], *slopes[MAX_LAYERS];
-    double *next = x + (int64_t)d_in * CHUNK;
+    double *values[MAX_LAYERS], *slopes[MAX_LAYERS];
+    double *next = work;
     for (int l = 0; l < L - 1; l++) {
         values[l] = next;
         slopes[l] = next + pb->sizes[l + 1] * CHUNK;
@@ -319,14 +339,10 @@ static void student(const problem *pb, const double *theta, const int64_t *rows,
     const double *skip = pb->skip ? theta + pb->skip_off : NULL;
     double scale = 2.0 / ((double)n * d_out);
     memset(lanes, 0, sizeof(double) * LANES * (pb->n_params + 1));
-    int64_t row[CHUNK];
-    for (int64_t start = 0; start < n; start += CHUNK) {
+    for (int64_t start = 0, c = 0; start < n; start += CHUNK, c++) {
         int m = (int)(n - start < CHUNK ? n - start : CHUNK);
-        for (int r = 0; r < CHUNK; r++) row[r] = r < m ? (rows ? rows[start + r] : start + r) : 0;
-        for (int i = 0; i < d_in; i++)
-            for (int r = 0; r < CHUNK; r++)
-                x[i * CHUNK + r] = r < m ? pb->X[row[r] * d_in + i] : 0.0;
-        /* forward */
+        const double *x = xt + c * d_in * CHUNK, *yc = yt + c * d_out * CHUNK;
+    /* forward */
         for (int l = 0; l < L - 1; l++) {
             int fi = (int)pb->sizes[l], fo = (int)pb->sizes[l + 1];
             affine(theta + pb->w_off[l], theta + pb->b_off[l], l == 0 ? x : values[l - 1], fi, fo,
@@ -337,7 +353,9 @@ static void student(const problem *pb, const double *theta, const int64_t *rows,
                d_out, skip, x, d_in, out);
         for (int k = 0; k < d_out; k++) {  /* error; rows past the samples' end count for nothing */
             double *ok = out + k * CHUNK, *dk = delta + k * CHUNK;
-            for (int r = 0; r < CHUNK; r++) ok[r] = r < m ? ok[r] - pb->Y[row[r] * d_out + k] : 0.0;
+            const double *yk = yc + k * CHUNK;
+#pragma omp simd
+            for (int r = 0; r < CHUNK; r++) ok[r] = r < m ? ok[r] - yk[r] : 0.0;
             add_products(ok, ok, sse);
 #pragma omp simd
             for (int r = 0; r < CHUNK; r++) dk[r] = ok[r] * scale;
@@ -380,18 +398,23 @@ int eandc_loss_and_gradient(int n_students, int n_layers, const int64_t *sizes, 
     if (n_threads > n_students) n_threads = n_students;
     if (n_threads < 1) n_threads = 1;
     size_t bytes = work_bytes(&pb);
-    int failed = 0;
-#pragma omp parallel num_threads(n_threads) reduction(|:failed)
+    double *xt = malloc(sizeof(double) * n_chunks(n) * CHUNK * sizes[0]);
+    double *yt = malloc(sizeof(double) * n_chunks(n) * CHUNK * sizes[n_layers]);
+    int failed = !xt || !yt;
+    if (!failed) chunk_samples(&pb, NULL, n, xt, yt);
+#pragma omp parallel num_threads(n_threads) reduction(|:failed) if (xt && yt)
     {
         double *work = aligned_alloc(64, bytes);
 #pragma omp for schedule(static, 1)
         for (int s = 0; s < n_students; s++) {
-            if (work) student(&pb, theta + (int64_t)s * n_params, NULL, n, work,
-                              grad + (int64_t)s * n_params, losses + s);
+            if (work && xt && yt) student(&pb, theta + (int64_t)s * n_params, xt, yt, n, work,
+                                          grad + (int64_t)s * n_params, losses + s);
             else failed = 1;
         }
         free(work);
     }
+    free(xt);
+    free(yt);
     return failed ? 2 : 0;
 }
 
@@ -433,21 +456,38 @@ int eandc_adam(int n_students, int n_layers, const int64_t *sizes, int skip, int
     if (n_threads > n_students) n_threads = n_students;
     if (n_threads < 1) n_threads = 1;
     size_t bytes = work_bytes(&pb);
-    int failed = 0;
-#pragma omp parallel num_threads(n_threads) reduction(|:failed)
+    /* full batch: the samples chunked once for every student and step; minibatches: each
+       thread chunks a step's rows into its own buffers, sized for the largest step */
+    int64_t most = n;
+    if (rows) {
+        most = 1;
+        for (int64_t k = 0; k < steps; k++)
+            if (bounds[k + 1] - bounds[k] > most) most = bounds[k + 1] - bounds[k];
+    }
+    size_t x_words = n_chunks(most) * CHUNK * sizes[0], y_words = n_chunks(most) * CHUNK * sizes[n_layers];
+    double *xt = rows ? NULL : malloc(sizeof(double) * x_words);
+    double *yt = rows ? NULL : malloc(sizeof(double) * y_words);
+    int failed = !rows && (!xt || !yt);
+    if (!rows && !failed) chunk_samples(&pb, NULL, n, xt, yt);
+    const int prepared = !failed;  /* (failed itself starts at 0 in each thread: a reduction) */
+#pragma omp parallel num_threads(n_threads) reduction(|:failed) if (prepared)
     {
         double *work = aligned_alloc(64, bytes), *grad = malloc(sizeof(double) * n_params);
+        double *own_x = rows ? malloc(sizeof(double) * x_words) : NULL;
+        double *own_y = rows ? malloc(sizeof(double) * y_words) : NULL;
+        int ready = prepared && work && grad && (!rows || (own_x && own_y));
 #pragma omp for schedule(static, 1)
         for (int s = 0; s < n_students; s++) {
-            if (!work || !grad) {
+            if (!ready) {
                 failed = 1;
                 continue;
             }
             int64_t at = (int64_t)s * n_params;
             for (int64_t k = 0; k < steps; k++) {
-                const int64_t *batch = rows ? rows + bounds[k] : NULL;
                 int64_t count = rows ? bounds[k + 1] - bounds[k] : n;
-                student(&pb, theta + at, batch, count, work, grad, losses + s);
+                if (rows) chunk_samples(&pb, rows + bounds[k], count, own_x, own_y);
+                student(&pb, theta + at, rows ? own_x : xt, rows ? own_y : yt, count, work, grad,
+                        losses + s);
                 if (frozen)
                     for (int64_t i = 0; i < n_params; i++)
                         if (frozen[at + i]) grad[i] = 0.0;
@@ -457,6 +497,10 @@ int eandc_adam(int n_students, int n_layers, const int64_t *sizes, int skip, int
         }
         free(work);
         free(grad);
+        free(own_x);
+        free(own_y);
     }
+    free(xt);
+    free(yt);
     return failed ? 2 : 0;
 }
