@@ -342,7 +342,7 @@ static void student(const problem *pb, const double *theta, const double *xt, co
     for (int64_t start = 0, c = 0; start < n; start += CHUNK, c++) {
         int m = (int)(n - start < CHUNK ? n - start : CHUNK);
         const double *x = xt + c * d_in * CHUNK, *yc = yt + c * d_out * CHUNK;
-    /* forward */
+        /* forward */
         for (int l = 0; l < L - 1; l++) {
             int fi = (int)pb->sizes[l], fo = (int)pb->sizes[l + 1];
             affine(theta + pb->w_off[l], theta + pb->b_off[l], l == 0 ? x : values[l - 1], fi, fo,
@@ -400,15 +400,20 @@ int eandc_loss_and_gradient(int n_students, int n_layers, const int64_t *sizes, 
     size_t bytes = work_bytes(&pb);
     double *xt = malloc(sizeof(double) * n_chunks(n) * CHUNK * sizes[0]);
     double *yt = malloc(sizeof(double) * n_chunks(n) * CHUNK * sizes[n_layers]);
-    int failed = !xt || !yt;
-    if (!failed) chunk_samples(&pb, NULL, n, xt, yt);
-#pragma omp parallel num_threads(n_threads) reduction(|:failed) if (xt && yt)
+    int failed = 0;
+    if (!xt || !yt) {
+        free(xt);
+        free(yt);
+        return 2;
+    }
+    chunk_samples(&pb, NULL, n, xt, yt);
+#pragma omp parallel num_threads(n_threads) reduction(|:failed)
     {
         double *work = aligned_alloc(64, bytes);
 #pragma omp for schedule(static, 1)
         for (int s = 0; s < n_students; s++) {
-            if (work && xt && yt) student(&pb, theta + (int64_t)s * n_params, xt, yt, n, work,
-                                          grad + (int64_t)s * n_params, losses + s);
+            if (work) student(&pb, theta + (int64_t)s * n_params, xt, yt, n, work,
+                              grad + (int64_t)s * n_params, losses + s);
             else failed = 1;
         }
         free(work);
@@ -465,17 +470,24 @@ int eandc_adam(int n_students, int n_layers, const int64_t *sizes, int skip, int
             if (bounds[k + 1] - bounds[k] > most) most = bounds[k + 1] - bounds[k];
     }
     size_t x_words = n_chunks(most) * CHUNK * sizes[0], y_words = n_chunks(most) * CHUNK * sizes[n_layers];
-    double *xt = rows ? NULL : malloc(sizeof(double) * x_words);
-    double *yt = rows ? NULL : malloc(sizeof(double) * y_words);
-    int failed = !rows && (!xt || !yt);
-    if (!rows && !failed) chunk_samples(&pb, NULL, n, xt, yt);
-    const int prepared = !failed;  /* (failed itself starts at 0 in each thread: a reduction) */
-#pragma omp parallel num_threads(n_threads) reduction(|:failed) if (prepared)
+    double *xt = NULL, *yt = NULL;
+    if (!rows) {
+        xt = malloc(sizeof(double) * x_words);
+        yt = malloc(sizeof(double) * y_words);
+        if (!xt || !yt) {
+            free(xt);
+            free(yt);
+            return 2;
+        }
+        chunk_samples(&pb, NULL, n, xt, yt);
+    }
+    int failed = 0;
+#pragma omp parallel num_threads(n_threads) reduction(|:failed)
     {
         double *work = aligned_alloc(64, bytes), *grad = malloc(sizeof(double) * n_params);
         double *own_x = rows ? malloc(sizeof(double) * x_words) : NULL;
         double *own_y = rows ? malloc(sizeof(double) * y_words) : NULL;
-        int ready = prepared && work && grad && (!rows || (own_x && own_y));
+        int ready = work && grad && (!rows || (own_x && own_y));
 #pragma omp for schedule(static, 1)
         for (int s = 0; s < n_students; s++) {
             if (!ready) {

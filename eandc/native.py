@@ -176,7 +176,8 @@ def _sizes(layout: Layout):
 
 def _checked(theta: torch.Tensor, layout: Layout, activation: Activation, X: torch.Tensor,
              y: torch.Tensor):
-    """``theta``, ``X`` and ``y`` as the kernel takes them, after the checks every entry makes."""
+    """``X`` and ``y`` as the kernel takes them, after the checks every entry makes on them and
+    on ``theta``."""
     reason = unsupported_reason(layout, activation, X, theta)
     if reason is not None:
         raise ValueError(f"the native kernel does not apply: {reason}")
