@@ -413,7 +413,8 @@ def adam_phase(theta: torch.Tensor, layout: Layout, activation: Activation, X: t
     for name, value in (("lr", lr), ("lr_end", lr_end)):  # refused before any work
         if value is not None and not (isinstance(value, (int, float)) and 0 < value < math.inf):
             raise ValueError(f"{name} must be a positive number, got {value!r}")
-    per_epoch = math.ceil(n / batch_size) if batch_size is not None and batch_size < n else 1
+    if batch_size is not None and batch_size >= n:
+        batch_size = None  # one minibatch of every row: full-batch steps
     fixed = frozen_parameters(theta, layout, fixed_layers) if fixed_layers else None
     theta = theta.detach().clone().requires_grad_(True)
     optimizer = torch.optim.Adam([theta], lr=lr)
@@ -428,14 +429,11 @@ def adam_phase(theta: torch.Tensor, layout: Layout, activation: Activation, X: t
         _native_adam_loop(theta, optimizer, layout, activation, X, y, range(start, steps), lr,
                           lr_end, batch_size, seed, fixed, saved, progress)
         return theta.detach()
-    Xb, yb, order = X, y, None
+    Xb, yb, orders = X, y, _EpochOrders(n, seed)
     for step in tqdm(range(start, steps), desc="adam", disable=not progress, leave=False):
         optimizer.zero_grad(set_to_none=True)
-        if per_epoch > 1:
-            epoch, k = divmod(step, per_epoch)
-            if order is None or k == 0:  # also mid-epoch when resuming: the order is recomputed
-                order = epoch_order(n, seed, epoch).to(X.device)
-            rows = order[k * batch_size:(k + 1) * batch_size]
+        if batch_size is not None:
+            rows = orders.minibatch(step, batch_size).to(X.device)
             Xb, yb = X[rows], y[rows]
         if gradient == "autograd":
             loss = (forward(theta, layout, activation, Xb) - yb).square().mean(dim=(1, 2)).sum()
@@ -460,7 +458,8 @@ NATIVE_BLOCK_SECONDS = 0.25
 
 def _native_adam_loop(theta, optimizer, layout, activation, X, y, steps, lr, lr_end, batch_size,
                       seed, fixed, saved, progress):
-    """:func:`adam_phase`'s loop over ``steps`` (a range of step numbers) in the compiled kernel
+    """:func:`adam_phase`'s loop over ``steps`` (a range of step numbers; ``batch_size`` ``None``
+    for full-batch steps) in the compiled kernel
     (:func:`eandc.native.adam_steps`: the gradient and ``optimizer``'s update, every student
     through many steps per call), in place on ``theta`` and ``optimizer``'s state, which stay
     as ``torch.optim.Adam`` keeps them (so checkpoints are the same either way). It returns to
@@ -469,24 +468,17 @@ def _native_adam_loop(theta, optimizer, layout, activation, X, y, steps, lr, lr_
     if not state:  # as torch.optim.Adam initialises it at its first step
         state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(theta),
                      exp_avg_sq=torch.zeros_like(theta))
-    params = theta.detach()
-    n, total = X.shape[0], steps.stop
-    per_epoch = math.ceil(n / batch_size) if batch_size is not None and batch_size < n else 1
+    params, total, orders = theta.detach(), steps.stop, _EpochOrders(X.shape[0], seed)
     frozen = fixed.contiguous() if fixed is not None else None
-    step, block, order, order_epoch = steps.start, 1, None, None
+    step, block = steps.start, 1
     with tqdm(total=len(steps), desc="adam", disable=not progress, leave=False) as bar:
         while step < total:
             count = min(block, total - step)
             lrs = torch.tensor([adam_learning_rate(s, total, lr, lr_end)
                                 for s in range(step, step + count)], dtype=torch.float64)
             rows = bounds = None
-            if per_epoch > 1:
-                pieces = []
-                for s in range(step, step + count):
-                    epoch, k = divmod(s, per_epoch)
-                    if epoch != order_epoch:
-                        order, order_epoch = epoch_order(n, seed, epoch), epoch
-                    pieces.append(order[k * batch_size:(k + 1) * batch_size])
+            if batch_size is not None:
+                pieces = [orders.minibatch(s, batch_size) for s in range(step, step + count)]
                 rows = torch.cat(pieces)
                 bounds = torch.tensor([0] + [len(r) for r in pieces]).cumsum(0)
             t0 = time.perf_counter()
@@ -523,6 +515,20 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     function of ``seed`` and ``epoch`` only, so a resumed run meets the same minibatches)."""
     gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
     return torch.randperm(n, generator=gen)
+
+
+class _EpochOrders:
+    """The rows of :func:`adam_phase`'s minibatch steps: step ``s`` takes minibatch ``k`` of epoch
+    ``e`` (``s = e * per_epoch + k``) in :func:`epoch_order`, the last epoch's order kept."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.order = n, seed, None, None
+
+    def minibatch(self, step: int, batch_size: int) -> torch.Tensor:
+        epoch, k = divmod(step, math.ceil(self.n / batch_size))
+        if epoch != self.epoch:  # also mid-epoch when resuming: the order is recomputed
+            self.epoch, self.order = epoch, epoch_order(self.n, self.seed, epoch)
+        return self.order[k * batch_size:(k + 1) * batch_size]
 
 
 LM_STATE = ("theta", "lam", "nu", "best", "best_at", "sse", "active", "frozen")
